@@ -1,0 +1,132 @@
+"""forksafe: database connections that survive ``fork()``.
+
+``forksafe.track(engine)`` and every forked child (gunicorn and uWSGI workers,
+multiprocessing, Celery prefork) gets a fresh pool, while nothing the child does (close,
+garbage collection, exit) can send a byte on a socket it inherited from its parent.
+
+Importing forksafe installs an ``os.register_at_fork`` hook; it imports no framework and no
+driver.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, TypeVar
+
+from forksafe import _fork
+from forksafe._fork import after_fork, internal_errors
+from forksafe._process_local import ProcessLocal
+from forksafe._registry import REGISTRY, ConnectionEntry
+from forksafe.drivers import find_driver, supported_names, unwrap
+from forksafe.exceptions import (
+    ChildDeadlockedError,
+    ForkSafetyWarning,
+    ForksafeError,
+    UnsupportedObjectError,
+)
+
+__all__ = [
+    "ChildDeadlockedError",
+    "ForkSafetyWarning",
+    "ForksafeError",
+    "ProcessLocal",
+    "UnsupportedObjectError",
+    "__version__",
+    "after_fork",
+    "internal_errors",
+    "is_tracked",
+    "track",
+    "untrack",
+]
+
+__version__ = "0.1.0"
+
+T = TypeVar("T")
+
+_SUPPORTED = (
+    "a SQLAlchemy Engine or AsyncEngine, or a DBAPI connection of "
+    "{drivers}"
+)
+
+
+def _engine_module() -> Any:
+    """forksafe.sqlalchemy, if SQLAlchemy is loaded (an engine cannot exist otherwise)."""
+    if "sqlalchemy" not in sys.modules:
+        return None
+    from forksafe import sqlalchemy as sa_adapter
+
+    return sa_adapter
+
+
+def track(obj: T) -> T:
+    """Protect ``obj`` across forks and return it unchanged.
+
+    Accepts a SQLAlchemy ``Engine`` (1.4 and 2.x), an ``AsyncEngine`` (through its sync
+    engine), or a raw DBAPI connection of mysqlclient, PyMySQL, psycopg2 or psycopg 3.
+    Tracking holds ``obj`` weakly, is thread-safe, and tracking twice is harmless.
+
+    After a fork, in the child: a tracked engine gets a fresh pool with the same settings,
+    and every connection it (or a tracked raw connection) held is neutralised: its socket
+    is replaced so that neither ``close()``, garbage collection nor exit can reach the
+    parent's session. Using a neutralised connection fails at once with the driver's
+    "not connected" error. The parent keeps its connections.
+
+    Args:
+        obj: the engine or connection to protect.
+
+    Returns:
+        ``obj`` itself, so ``engine = forksafe.track(create_engine(url))`` reads naturally.
+
+    Raises:
+        UnsupportedObjectError: (a ``TypeError``) for anything else, naming what is supported.
+    """
+    _fork.after_fork()  # tracking in a child that no hook reset: make its state current first
+    sa_adapter = _engine_module()
+    if sa_adapter is not None and sa_adapter.is_engine(obj):
+        engine = sa_adapter.as_sync_engine(obj)
+        if not REGISTRY.is_engine_tracked(engine):
+            adapter = sa_adapter.EngineAdapter(engine)
+            if REGISTRY.add_engine(engine, adapter):
+                adapter.attach()
+        return obj
+    conn = unwrap(obj)
+    driver = find_driver(conn)
+    if driver is None:
+        raise UnsupportedObjectError(
+            f"forksafe.track() cannot protect a {type(obj).__module__}.{type(obj).__qualname__}; "
+            f"it supports {_SUPPORTED.format(drivers=supported_names())}."
+        )
+    REGISTRY.add_connection(
+        conn, ConnectionEntry(driver=driver, pid=os.getpid(), origin="track()",
+                              created_at=time.monotonic())
+    )
+    return obj
+
+
+def untrack(obj: object) -> bool:
+    """Stop protecting ``obj``. Returns whether it was tracked.
+
+    An engine's pool listeners are removed and the connections it opened are forgotten.
+    """
+    sa_adapter = _engine_module()
+    if sa_adapter is not None and sa_adapter.is_engine(obj):
+        adapter = REGISTRY.pop_engine(sa_adapter.as_sync_engine(obj))
+        if adapter is None:
+            return False
+        adapter.detach()
+        REGISTRY.discard_owner(adapter)
+        return True
+    return REGISTRY.discard_connection(unwrap(obj))
+
+
+def is_tracked(obj: object) -> bool:
+    """Whether ``obj`` (an engine or a DBAPI connection) is tracked in this process."""
+    sa_adapter = _engine_module()
+    if sa_adapter is not None and sa_adapter.is_engine(obj):
+        return REGISTRY.is_engine_tracked(sa_adapter.as_sync_engine(obj))
+    return REGISTRY.connection_entry(unwrap(obj)) is not None
+
+
+_fork.install_os_hooks()

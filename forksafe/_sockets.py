@@ -1,0 +1,57 @@
+"""Neutralising an inherited socket so that no byte can reach the parent's session.
+
+After ``fork()`` the child holds a copy of every file descriptor of the parent. A driver
+object in the child that still points at such a descriptor will, sooner or later, write to
+it: ``close()`` sends COM_QUIT (MySQL) or Terminate (PostgreSQL), mysqlclient's destructor
+calls ``mysql_close()`` with no pid check, a half-finished query is rolled back. Each of
+those bytes lands in the *parent's* server session.
+
+The fix is to make the descriptor number point at something else, atomically, in the child
+only: ``os.dup2()`` of a fresh, never-connected socket of the same family and type onto the
+inherited number. From then on:
+
+* every write by the driver fails at once (``ENOTCONN`` / ``EPIPE``), so the driver reports
+  a disconnect (mysqlclient 2006, PyMySQL ``InterfaceError``, psycopg "not connected");
+* the driver's own ``close()`` closes *our* dummy socket, so no descriptor leaks;
+* the parent's socket is untouched: its kernel object is still open in the parent.
+
+``os.close(fd)`` alone is not enough: the number could be reused by another file opened in
+the child, which the driver would then write into or close.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+
+__all__ = ["neutralise_fd"]
+
+
+def neutralise_fd(fd: int) -> bool:
+    """Replace the socket behind ``fd`` with a fresh, unconnected one of the same kind.
+
+    Args:
+        fd: a descriptor number inherited from the parent process.
+
+    Returns:
+        True if the descriptor was a socket and now points at a dummy; False if ``fd`` is not
+        an open socket (already closed, or reused for something that is not ours).
+
+    Raises:
+        OSError: only for unexpected failures of ``dup2`` itself; callers at fork time catch it.
+    """
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    if not stat.S_ISSOCK(mode):
+        return False
+    probe = socket.socket(fileno=fd)  # reads family and type from the kernel
+    try:
+        family, kind = probe.family, probe.type
+    finally:
+        probe.detach()  # never close the inherited descriptor through the probe
+    with socket.socket(family, kind) as dummy:
+        os.dup2(dummy.fileno(), fd, inheritable=False)
+    return True

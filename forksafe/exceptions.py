@@ -1,0 +1,38 @@
+"""Errors and warnings raised by forksafe.
+
+Kept in their own module so every other module can import them without cycles.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ChildDeadlockedError", "ForkSafetyWarning", "ForksafeError", "UnsupportedObjectError"]
+
+
+class ForksafeError(Exception):
+    """Base class of every error forksafe raises.
+
+    .. versionadded:: 0.1
+    """
+
+
+class UnsupportedObjectError(ForksafeError, TypeError):
+    """`forksafe.track` was given an object it does not know how to protect.
+
+    It is a `TypeError` too, so ``except TypeError`` works as users expect.
+
+    .. versionadded:: 0.1
+    """
+
+
+class ChildDeadlockedError(ForksafeError):
+    """A lock held by a thread of the parent at fork time could not be taken in the child.
+
+    .. versionadded:: 0.1
+    """
+
+
+class ForkSafetyWarning(UserWarning):
+    """Something about a fork may share a database connection between processes.
+
+    .. versionadded:: 0.1
+    """

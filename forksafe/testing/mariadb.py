@@ -1,0 +1,240 @@
+"""A private MariaDB server in a temporary directory, on a free port.
+
+Built on mirakuru's `TCPExecutor`, which starts the process in its own session, waits
+until the port answers and stops the whole process group. We do not use pytest-mysql's
+executor because it goes through ``mysqld_safe`` (which restarts a server a test killed on
+purpose, and reads the system's ``my.cnf``) and leaves ``root`` on unix-socket
+authentication, so TCP clients cannot log in. Here the server runs with ``--no-defaults``,
+``root`` has an empty password, and tests may kill, restart and reconfigure it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mirakuru import TCPExecutor
+
+__all__ = ["MariaDB", "ServerUnavailableError", "find_binary", "free_port"]
+
+DATABASE = "forksafe"
+
+
+class ServerUnavailableError(RuntimeError):
+    """A private server could not be started; the message says what to install or pass."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def find_binary(*names: str, extra_dirs: tuple[str, ...] = ("/usr/sbin", "/usr/bin")) -> str:
+    """The first of ``names`` found on PATH or in ``extra_dirs``.
+
+    Raises:
+        ServerUnavailableError: none was found.
+    """
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+        for directory in extra_dirs:
+            candidate = Path(directory, name)
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    raise ServerUnavailableError(
+        f"{names[0]} not found: install MariaDB's server (Debian: apt-get install "
+        "mariadb-server) or point forksafe at a running server with a URL"
+    )
+
+
+class MariaDB(TCPExecutor):  # type: ignore[misc] # mirakuru is untyped
+    """A private ``mariadbd``: ``MariaDB().start()``, ``.url()``, ``.restart()``, ``.stop()``.
+
+    Args:
+        port: TCP port on 127.0.0.1; a free one by default.
+        general_log: log every statement and every ``Quit`` to ``general_log_path``, so
+            tests can prove from the server side that a session was never quit.
+        options: extra ``mariadbd`` options, e.g. ``("--wait-timeout=2",)``.
+        basedir: where the data directory goes; a new temporary directory by default.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        general_log: bool = True,
+        options: tuple[str, ...] = (),
+        basedir: str | None = None,
+    ) -> None:
+        self.mariadbd = find_binary("mariadbd", "mysqld")
+        self.install_db = find_binary("mariadb-install-db", "mysql_install_db")
+        self.owns_basedir = basedir is None
+        self.basedir = Path(basedir or tempfile.mkdtemp(prefix="forksafe-mariadb-"))
+        self.datadir = self.basedir / "data"
+        self.socket_path = str(self.basedir / "mysqld.sock")
+        self.general_log_path = self.basedir / "general.log"
+        self.error_log_path = self.basedir / "error.log"
+        self.port = port or free_port()
+        command = [
+            self.mariadbd,
+            "--no-defaults",
+            f"--datadir={self.datadir}",
+            f"--socket={self.socket_path}",
+            f"--port={self.port}",
+            "--bind-address=127.0.0.1",
+            f"--pid-file={self.basedir / 'mysqld.pid'}",
+            f"--log-error={self.error_log_path}",
+            "--skip-name-resolve",
+            "--skip-log-bin",
+            "--max-connections=1000",
+            "--innodb-buffer-pool-size=64M",
+            "--innodb-flush-log-at-trx-commit=2",
+        ]
+        if os.geteuid() == 0:
+            command.append("--user=root")
+        if general_log:
+            command += ["--general-log=1", f"--general-log-file={self.general_log_path}"]
+        command += list(options)
+        super().__init__(
+            command,
+            host="127.0.0.1",
+            port=self.port,
+            timeout=60,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    # -- life cycle --------------------------------------------------------------------------
+    def start(self) -> MariaDB:
+        """Create the data directory on first start, start the server, create the database."""
+        if not (self.datadir / "mysql").is_dir():
+            self._install()
+        try:
+            super().start()
+        except Exception as exc:
+            tail = self.error_log_tail()
+            raise ServerUnavailableError(
+                f"mariadbd did not start on port {self.port}: {exc}. Server log:\n{tail}"
+            ) from exc
+        self._wait_for_login()
+        self.execute(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
+        return self
+
+    def _install(self) -> None:
+        self.datadir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            self.install_db,
+            "--no-defaults",
+            f"--datadir={self.datadir}",
+            "--auth-root-authentication-method=normal",
+            "--skip-test-db",
+        ]
+        if os.geteuid() == 0:
+            cmd.append("--user=root")
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise ServerUnavailableError(
+                f"mariadb-install-db failed ({done.returncode}): {done.stderr.strip()[-800:]}"
+            )
+
+    def _wait_for_login(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.execute("SELECT 1")
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def restart(self, down_for: float = 0.0) -> None:
+        """Stop the server (gracefully), optionally stay down a while, start it again."""
+        self.stop()
+        if down_for:
+            time.sleep(down_for)
+        self.start()
+
+    def cleanup(self) -> None:
+        """Stop the server and delete its directory (if it made it)."""
+        if self.running():
+            self.stop()
+        if self.owns_basedir:
+            shutil.rmtree(self.basedir, ignore_errors=True)
+
+    def __enter__(self) -> MariaDB:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cleanup()
+
+    # -- clients -----------------------------------------------------------------------------
+    def url(self, driver: str = "mysqldb", database: str = DATABASE) -> str:
+        """A SQLAlchemy URL for this server (``mysql+<driver>://root@127.0.0.1:PORT/DB``)."""
+        return f"mysql+{driver}://root@127.0.0.1:{self.port}/{database}"
+
+    def connect_kwargs(self, database: str = DATABASE) -> dict[str, Any]:
+        """Keyword arguments for ``MySQLdb.connect`` / ``pymysql.connect``."""
+        return {"host": "127.0.0.1", "port": self.port, "user": "root", "database": database}
+
+    def connect(self, database: str = "") -> Any:
+        """A new raw connection (mysqlclient if installed, else PyMySQL), autocommit on."""
+        kwargs = {"host": "127.0.0.1", "port": self.port, "user": "root"}
+        try:
+            import MySQLdb
+
+            conn = MySQLdb.connect(**kwargs, database=database, autocommit=True)
+        except ImportError:
+            import pymysql
+
+            conn = pymysql.connect(**kwargs, database=database or None, autocommit=True)
+        return conn
+
+    def execute(self, sql: str, database: str = "") -> list[tuple[Any, ...]]:
+        """Run one statement on a fresh connection and return its rows."""
+        conn = self.connect(database)
+        try:
+            cur = conn.cursor()
+            cur.execute(sql)
+            rows = list(cur.fetchall()) if cur.description else []
+            cur.close()
+            return rows
+        finally:
+            conn.close()
+
+    # -- evidence from the server side -------------------------------------------------------
+    def general_log(self) -> str:
+        """The general query log so far ("" if it is off)."""
+        try:
+            return self.general_log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def quit_logged(self, connection_id: int) -> bool:
+        """Whether the server logged a ``Quit`` (COM_QUIT) from session ``connection_id``."""
+        for line in self.general_log().splitlines():
+            fields = line.split()
+            # "<time> <time>\t    12 Quit\t" or "\t\t    12 Quit\t"
+            for i in range(len(fields) - 1):
+                if fields[i] == str(connection_id) and fields[i + 1] == "Quit":
+                    return True
+        return False
+
+    def error_log_tail(self, lines: int = 20) -> str:
+        """The last lines of the server's error log."""
+        try:
+            text = self.error_log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no error log)"
+        return "\n".join(text.splitlines()[-lines:])
