@@ -22,8 +22,8 @@ from forksafe._registry import REGISTRY, ConnectionEntry
 from forksafe.drivers import find_driver, supported_names, unwrap
 from forksafe.exceptions import (
     ChildDeadlockedError,
-    ForkSafetyWarning,
     ForksafeError,
+    ForkSafetyWarning,
     UnsupportedObjectError,
 )
 

@@ -169,7 +169,9 @@ class Registry:
             self._lock.release()
 
     # -- fork ----------------------------------------------------------------------------
-    def take_inherited(self, pid: int) -> tuple[list[tuple[Any, ConnectionEntry]], list[Resettable]]:
+    def take_inherited(
+        self, pid: int
+    ) -> tuple[list[tuple[Any, ConnectionEntry]], list[Resettable]]:
         """Remove and return the connections opened by other processes, and list the engines.
 
         Called in a child after a fork: the connections returned are the inherited ones.

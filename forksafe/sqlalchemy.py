@@ -52,7 +52,7 @@ def is_engine(obj: object) -> bool:
 def as_sync_engine(obj: Any) -> Engine:
     """The sync ``Engine`` behind an ``AsyncEngine`` (or the engine itself)."""
     sync = getattr(obj, "sync_engine", None)
-    return sync if isinstance(sync, Engine) else obj  # type: ignore[no-any-return]
+    return sync if isinstance(sync, Engine) else obj
 
 
 def describe(engine: Engine) -> str:

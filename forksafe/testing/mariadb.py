@@ -58,7 +58,7 @@ def find_binary(*names: str, extra_dirs: tuple[str, ...] = ("/usr/sbin", "/usr/b
     )
 
 
-class MariaDB(TCPExecutor):  # type: ignore[misc] # mirakuru is untyped
+class MariaDB(TCPExecutor):
     """A private ``mariadbd``: ``MariaDB().start()``, ``.url()``, ``.restart()``, ``.stop()``.
 
     Args:
@@ -238,3 +238,70 @@ class MariaDB(TCPExecutor):  # type: ignore[misc] # mirakuru is untyped
         except FileNotFoundError:
             return "(no error log)"
         return "\n".join(text.splitlines()[-lines:])
+
+
+class ExistingServer:
+    """A server given by URL (``mysql://user:pw@host:port/db``), not started by us.
+
+    Offers the client half of `MariaDB` (``url``, ``connect_kwargs``, ``connect``,
+    ``execute``); tests that must restart or inspect the server need a private one.
+    """
+
+    def __init__(self, url: str) -> None:
+        from sqlalchemy.engine import make_url
+
+        self._url = make_url(url)
+        if not self._url.drivername.startswith(("mysql", "mariadb")):
+            raise ServerUnavailableError(
+                f"{self._url.render_as_string(hide_password=True)} is not a MySQL/MariaDB URL"
+            )
+        self.port = self._url.port or 3306
+        self.database = self._url.database or DATABASE
+
+    def url(self, driver: str = "mysqldb", database: str | None = None) -> str:
+        """The URL with ``driver`` and ``database`` substituted (password kept, never logged)."""
+        url = self._url.set(drivername=f"mysql+{driver}", database=database or self.database)
+        return url.render_as_string(hide_password=False)
+
+    def safe_url(self) -> str:
+        """The URL with its password masked, for messages."""
+        return self._url.render_as_string(hide_password=True)
+
+    def connect_kwargs(self, database: str | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``MySQLdb.connect`` / ``pymysql.connect``."""
+        kwargs: dict[str, Any] = {
+            "host": self._url.host or "127.0.0.1",
+            "port": self.port,
+            "user": self._url.username or "root",
+            "database": database or self.database,
+        }
+        if self._url.password:
+            kwargs["password"] = self._url.password
+        return kwargs
+
+    def connect(self, database: str = "") -> Any:
+        """A new raw connection, autocommit on."""
+        kwargs = self.connect_kwargs(database or self.database)
+        try:
+            import MySQLdb
+
+            return MySQLdb.connect(**kwargs, autocommit=True)
+        except ImportError:
+            import pymysql
+
+            return pymysql.connect(**kwargs, autocommit=True)
+
+    def execute(self, sql: str, database: str = "") -> list[tuple[Any, ...]]:
+        """Run one statement on a fresh connection and return its rows."""
+        conn = self.connect(database)
+        try:
+            cur = conn.cursor()
+            cur.execute(sql)
+            rows = list(cur.fetchall()) if cur.description else []
+            cur.close()
+            return rows
+        finally:
+            conn.close()
+
+    def cleanup(self) -> None:
+        """Nothing to stop: we did not start this server."""

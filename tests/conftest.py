@@ -1,0 +1,87 @@
+"""Shared fixtures: a private MariaDB for the whole session, and the CI rule.
+
+Every test that needs MariaDB gets it from the ``mariadb`` fixture: a private ``mariadbd``
+started in a temporary directory on a free port (tests may kill its sessions, change its
+settings and restart it). ``--mysql-url`` (or ``FORKSAFE_TEST_MYSQL_URL``) uses an existing
+server instead, for the tests that do not need to control it.
+
+Without a server the tests are skipped, except when ``CI`` is set: then a missing server is
+an error, never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+IN_CI = bool(os.environ.get("CI"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--mysql-url",
+        default=os.environ.get("FORKSAFE_TEST_MYSQL_URL", ""),
+        help="use this MySQL/MariaDB server instead of starting a private one "
+        "(tests that restart or reconfigure the server are skipped)",
+    )
+
+
+def unavailable(reason: str) -> None:
+    """Skip the test, or fail it in CI, where a missing server is a broken setup."""
+    if IN_CI:
+        pytest.fail(f"CI is set and a required server is unavailable: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> Iterator[object]:
+    """The session's private MariaDB (a `forksafe.testing.mariadb.MariaDB`).
+
+    Tests that read the server's general log or restart it ask for this fixture; tests that
+    only need a server ask for ``mysql_server``, which honours ``--mysql-url``.
+    """
+    try:
+        from forksafe.testing.mariadb import MariaDB, ServerUnavailableError
+    except ImportError as exc:
+        unavailable(f"the repro extra is not installed ({exc}); pip install -e '.[dev]'")
+        raise
+    server = MariaDB()
+    try:
+        server.start()
+    except ServerUnavailableError as exc:
+        server.cleanup()
+        unavailable(str(exc))
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def _no_swallowed_errors() -> Iterator[None]:
+    """Fork-time code logs errors instead of raising; in tests such an error is a failure."""
+    import forksafe
+
+    before = len(forksafe.internal_errors())
+    yield
+    errors = forksafe.internal_errors()[before:]
+    assert not errors, f"forksafe swallowed errors during the test: {errors!r}"
+
+
+@pytest.fixture(scope="session")
+def mysql_server(request: pytest.FixtureRequest) -> Iterator[object]:
+    """A MySQL/MariaDB server: the one given by ``--mysql-url``, else the private one."""
+    url = request.config.getoption("--mysql-url")
+    if not url:
+        yield request.getfixturevalue("mariadb")
+        return
+    from forksafe.testing.mariadb import ExistingServer
+
+    server = ExistingServer(url)
+    try:
+        server.execute("SELECT 1")
+    except Exception as exc:
+        unavailable(f"--mysql-url {server.safe_url()} does not answer: {exc}")
+    yield server
