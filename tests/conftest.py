@@ -59,6 +59,33 @@ def mariadb() -> Iterator[object]:
         server.cleanup()
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """The session's private PostgreSQL (a `forksafe.testing.postgres.PostgreSQL`).
+
+    It logs every connection and disconnection with the backend pid, so tests can prove
+    from the server side that a session ended or survived.
+    """
+    try:
+        from forksafe.testing.postgres import PostgreSQL, ServerUnavailableError
+    except ImportError as exc:
+        unavailable(f"the dev extra is not installed ({exc}); pip install -e '.[dev]'")
+        raise
+    server = None
+    try:
+        server = PostgreSQL()
+        server.start()
+    except ServerUnavailableError as exc:
+        if server is not None:
+            server.cleanup()
+        unavailable(str(exc))
+    assert server is not None
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
 @pytest.fixture(autouse=True)
 def _no_swallowed_errors() -> Iterator[None]:
     """Fork-time code logs errors instead of raising; in tests such an error is a failure."""
