@@ -1,0 +1,97 @@
+"""The core guarantee, measured from the server side, with mysqlclient.
+
+A parent holds a connection (idle in a tracked engine's pool, checked out at the moment of
+fork, or a raw tracked connection). Its children end in every way a worker can end. The
+parent's session must survive: same CONNECTION_ID(), answers, and the server never logged a
+``Quit`` for it. Every case also runs *without* forksafe and must show the damage there,
+or the protected half would prove nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.mariadb]
+
+SCRIPT = Path(__file__).parent / "scripts" / "fork_scenario.py"
+ACTIONS = ["exit", "gc", "close", "dispose", "use", "sigterm"]
+
+
+def run_scenario(server: Any, *, kind: str, action: str, protect: bool, **extra: Any) -> dict:
+    """Run the fork scenario script and return its JSON report."""
+    cmd = [sys.executable, str(SCRIPT), "--url", server.url(), "--kind", kind,
+           "--action", action, "--protect", str(int(protect))]
+    for key, value in extra.items():
+        cmd += [f"--{key}", str(value)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, f"scenario crashed: {done.stderr[-2000:]}"
+    report: dict = json.loads(done.stdout)
+    return report
+
+
+CASES = [(kind, action) for kind in ("idle", "checkedout", "raw") for action in ACTIONS
+         if not (kind == "raw" and action == "dispose")]
+
+
+@pytest.mark.parametrize(("kind", "action"), CASES)
+def test_parent_session_survives_children(mariadb: Any, kind: str, action: str) -> None:
+    """Children that exit, gc, close, dispose, use or are SIGTERMed never end the parent's session.
+
+    Without forksafe the same children make the server log ``Quit`` for the parent's
+    session and the parent's next query fails.
+    """
+    bare = run_scenario(mariadb, kind=kind, action=action, protect=False)
+    assert mariadb.quit_logged(bare["parent_id"]), "unprotected: the children did not quit"
+    assert bare["parent_error"] is not None, "unprotected: the parent's session survived"
+
+    safe = run_scenario(mariadb, kind=kind, action=action, protect=True)
+    assert safe["parent_error"] is None, safe["parent_error"]
+    assert safe["after_id"] == safe["parent_id"], "the parent lost its connection"
+    assert not mariadb.quit_logged(safe["parent_id"]), "a Quit reached the parent's session"
+    assert safe["exit_codes"] == [0, 0, 0]
+    assert safe["internal_errors"] == []
+    assert all(c["internal_errors"] == [] for c in safe["children"])
+
+
+@pytest.mark.parametrize("kind", ["idle", "checkedout"])
+def test_child_queries_on_its_own_connection(mariadb: Any, kind: str) -> None:
+    """A child's first query after fork runs on a new connection (different CONNECTION_ID()).
+
+    Unprotected, a child with an idle pooled connection reuses the parent's session.
+    """
+    safe = run_scenario(mariadb, kind=kind, action="use", protect=True)
+    child_ids = [c.get("child_id") for c in safe["children"]]
+    assert all(isinstance(i, int) for i in child_ids), safe["children"]
+    assert safe["parent_id"] not in child_ids
+    assert len(set(child_ids)) == len(child_ids), "two children shared a session"
+    if kind == "idle":
+        bare = run_scenario(mariadb, kind=kind, action="use", protect=False)
+        bare_ids = [c.get("child_id") for c in bare["children"]]
+        assert bare["parent_id"] in bare_ids, bare["children"]
+
+
+def test_inherited_raw_connection_fails_fast_in_child(mariadb: Any) -> None:
+    """A tracked raw connection used in the child fails at once with 2006, sending nothing."""
+    safe = run_scenario(mariadb, kind="raw", action="use", protect=True)
+    errors = [c.get("error", "") for c in safe["children"]]
+    assert all("2006" in e for e in errors), errors
+    assert safe["after_id"] == safe["parent_id"]
+
+
+def test_no_descriptor_leak_over_repeated_forks(mariadb: Any) -> None:
+    """Forking again and again grows neither the parent's nor the children's descriptor count."""
+    report = run_scenario(mariadb, kind="idle", action="use", protect=True, forks=5)
+    parent_counts = report["parent_fd_counts"]
+    assert len(set(parent_counts)) == 1, parent_counts
+    child_counts = [c["fd_count"] for c in report["children"]]
+    assert len(child_counts) == 15
+    assert max(child_counts) - min(child_counts) == 0, child_counts
+    # a child holds the parent's descriptors (one of them now a dummy) plus its own new
+    # connection: never more than a couple more than the parent
+    assert max(child_counts) <= parent_counts[0] + 2, (child_counts, parent_counts)

@@ -1,0 +1,161 @@
+"""track() / untrack() bookkeeping: what is accepted, what is refused, and weak holding."""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import threading
+
+import pytest
+from sqlalchemy import create_engine, event
+
+import forksafe
+from forksafe import _sockets
+from forksafe._registry import REGISTRY
+
+
+def test_track_returns_the_engine_and_tracks_it() -> None:
+    """track(engine) returns the same object and is_tracked() says so; untrack undoes it."""
+    engine = create_engine("mysql+mysqldb://u@127.0.0.1/db")
+    assert forksafe.track(engine) is engine
+    assert forksafe.is_tracked(engine)
+    assert forksafe.untrack(engine) is True
+    assert not forksafe.is_tracked(engine)
+    assert forksafe.untrack(engine) is False
+
+
+def test_tracking_twice_installs_one_set_of_listeners() -> None:
+    """A second track() of the same engine is harmless: one adapter, one listener each."""
+    engine = create_engine("mysql+pymysql://u@127.0.0.1/db")
+    forksafe.track(engine)
+    forksafe.track(engine)
+    adapter = REGISTRY.pop_engine(engine)
+    assert adapter is not None
+    assert REGISTRY.pop_engine(engine) is None
+    adapter.detach()
+
+
+def test_untrack_removes_pool_listeners() -> None:
+    """After untrack(), none of forksafe's pool listeners stay on the engine."""
+    engine = create_engine("postgresql+psycopg2://u@127.0.0.1/db")
+    forksafe.track(engine)
+    adapter = REGISTRY.pop_engine(engine)
+    assert adapter is not None
+    listeners = list(adapter._listeners)  # noqa: SLF001 - checking the adapter's own record
+    REGISTRY.add_engine(engine, adapter)
+    assert all(event.contains(engine, name, fn) for name, fn in listeners)
+    forksafe.untrack(engine)
+    assert not any(event.contains(engine, name, fn) for name, fn in listeners)
+
+
+def test_async_engine_is_tracked_through_its_sync_engine() -> None:
+    """An AsyncEngine is accepted, returned as is, and its sync engine is what is tracked."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine("postgresql+psycopg_async://u@127.0.0.1/db")
+    assert forksafe.track(engine) is engine
+    assert forksafe.is_tracked(engine.sync_engine)
+    assert forksafe.untrack(engine)
+
+
+@pytest.mark.parametrize("obj", [object(), "mysql://u@h/db", 42, None])
+def test_unsupported_objects_raise_type_error_naming_what_is_supported(obj: object) -> None:
+    """Anything that is not an engine or a supported DBAPI connection is a TypeError."""
+    with pytest.raises(TypeError, match="mysqlclient, PyMySQL, psycopg2, psycopg"):
+        forksafe.track(obj)
+
+
+def test_engine_of_unsupported_driver_is_refused() -> None:
+    """An engine whose driver forksafe cannot neutralise (sqlite) is refused with the list."""
+    engine = create_engine("sqlite://")
+    with pytest.raises(forksafe.UnsupportedObjectError, match="sqlite") as info:
+        forksafe.track(engine)
+    assert isinstance(info.value, TypeError)
+    assert "mysql+mysqldb" in str(info.value)
+
+
+def test_error_messages_never_show_the_password() -> None:
+    """The refusal names the engine by a URL with its password masked."""
+    engine = create_engine("sqlite:///tmp/x.db")
+    engine.url = engine.url.set(password="hunter2", username="me")
+    with pytest.raises(TypeError) as info:
+        forksafe.track(engine)
+    assert "hunter2" not in str(info.value)
+
+
+def test_engines_are_held_weakly() -> None:
+    """Tracking never keeps an engine alive."""
+    engine = create_engine("mysql+mysqldb://u@127.0.0.1/db")
+    forksafe.track(engine)
+    _, engines_before = REGISTRY.snapshot()
+    assert any(e is engine for e, _ in engines_before)
+    del engine, engines_before
+    gc.collect()
+    _, engines_after = REGISTRY.snapshot()
+    assert all(e.url.database != "db" or e.url.host != "127.0.0.1" for e, _ in engines_after)
+
+
+def test_tracking_is_thread_safe() -> None:
+    """Many threads tracking and untracking at once leave a consistent registry."""
+    engines = [create_engine(f"mysql+mysqldb://u@127.0.0.1/db{i}") for i in range(40)]
+    errors: list[BaseException] = []
+
+    def work(chunk: list) -> None:
+        try:
+            for _ in range(20):
+                for e in chunk:
+                    forksafe.track(e)
+                for e in chunk[::2]:
+                    forksafe.untrack(e)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    chunks = [engines[i::4] for i in range(4)]
+    threads = [threading.Thread(target=work, args=(chunk,)) for chunk in chunks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for chunk in chunks:
+        untracked = chunk[::2]
+        for engine in chunk:
+            assert forksafe.is_tracked(engine) is (engine not in untracked)
+            forksafe.untrack(engine)
+
+
+def test_after_fork_in_the_parent_does_nothing() -> None:
+    """after_fork() in a process that was not forked is a cheap no-op returning False."""
+    assert forksafe.after_fork() is False
+
+
+def test_neutralise_fd_replaces_a_connected_socket_without_sending() -> None:
+    """After neutralise_fd, writes through the descriptor fail and the peer receives nothing."""
+    left, right = socket.socketpair()
+    right.setblocking(False)
+    fd = left.fileno()
+    parents_copy = os.dup(fd)  # what the parent still holds after a fork
+    assert _sockets.neutralise_fd(fd) is True
+    with pytest.raises(OSError):
+        os.write(fd, b"\x01\x00\x00\x00\x01")  # a COM_QUIT packet
+    with pytest.raises(BlockingIOError):
+        right.recv(16)  # nothing arrived, and the connection is still open
+    os.write(parents_copy, b"ok")
+    assert right.recv(16) == b"ok"
+    os.close(parents_copy)
+    left.close()
+    right.close()
+
+
+def test_neutralise_fd_leaves_non_sockets_alone() -> None:
+    """A descriptor that is not a socket (reused for a file) is not touched."""
+    read_fd, write_fd = os.pipe()
+    try:
+        assert _sockets.neutralise_fd(read_fd) is False
+        assert _sockets.neutralise_fd(10_000) is False
+        os.write(write_fd, b"x")
+        assert os.read(read_fd, 1) == b"x"
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
