@@ -153,7 +153,8 @@ def test_process_local_opens_one_connection_per_process(mariadb: Any) -> None:
     """ProcessLocal: same object within a process, a new one (new session) in a child."""
     db = forksafe.ProcessLocal(mariadb.connect)
     first = db.get()
-    assert db.get() is first and db() is first
+    assert db.get() is first
+    assert db() is first
 
     def ident(conn: Any) -> int:
         cur = conn.cursor()
