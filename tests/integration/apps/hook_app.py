@@ -41,7 +41,8 @@ if SETUP:
         uwsgidecorators.postfork(user_hook)
         import forksafe.uwsgi
     elif SETUP == "decorators_after":
-        import forksafe.uwsgi
+        # the order is the point of this case: forksafe first, uwsgidecorators after
+        import forksafe.uwsgi  # noqa: I001
         import uwsgidecorators
 
         uwsgidecorators.postfork(user_hook)
