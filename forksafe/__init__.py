@@ -15,28 +15,34 @@ import sys
 import time
 from typing import Any, TypeVar
 
-from forksafe import _fork
+from forksafe import _fork, errors
 from forksafe._fork import after_fork, internal_errors
 from forksafe._process_local import ProcessLocal
 from forksafe._registry import REGISTRY, ConnectionEntry
 from forksafe.drivers import find_driver, supported_names, unwrap
 from forksafe.exceptions import (
     ChildDeadlockedError,
+    CommitUnknownError,
     ForksafeError,
     ForkSafetyWarning,
     UnsupportedObjectError,
 )
+from forksafe.retry import retry_on_disconnect, retrying
 
 __all__ = [
     "ChildDeadlockedError",
+    "CommitUnknownError",
     "ForkSafetyWarning",
     "ForksafeError",
     "ProcessLocal",
     "UnsupportedObjectError",
     "__version__",
     "after_fork",
+    "errors",
     "internal_errors",
     "is_tracked",
+    "retry_on_disconnect",
+    "retrying",
     "track",
     "untrack",
 ]
@@ -60,7 +66,9 @@ def _engine_module() -> Any:
     return sa_adapter
 
 
-def track(obj: T) -> T:
+def track(
+    obj: T, *, idle_check: float | None = 10.0, recycle: float | str | None = "auto"
+) -> T:
     """Protect ``obj`` across forks and return it unchanged.
 
     Accepts a SQLAlchemy ``Engine`` (1.4 and 2.x), an ``AsyncEngine`` (through its sync
@@ -73,21 +81,36 @@ def track(obj: T) -> T:
     parent's session. Using a neutralised connection fails at once with the driver's
     "not connected" error. The parent keeps its connections.
 
+    For engines, forksafe also keeps pooled connections alive across idle periods, at no
+    cost to a busy worker: a connection handed out again within ``idle_check`` seconds is
+    not checked at all (one timestamp comparison); one idle longer is pinged first and
+    replaced if dead, and a dead one makes the pool drop every older connection.
+
     Args:
         obj: the engine or connection to protect.
+        idle_check: (engines only) ping a pooled connection at checkout when it has been
+            idle at least this many seconds; None never pings. ``0`` pings every time,
+            like ``pool_pre_ping``.
+        recycle: (engines only) when to replace an idle connection without pinging it:
+            ``"auto"`` (default) asks the server its idle limit on connect (MySQL/MariaDB
+            ``wait_timeout``, PostgreSQL ``idle_session_timeout``) and replaces a
+            connection idle for 90% of it, unless you set ``pool_recycle`` yourself (then
+            forksafe leaves recycling to it); seconds sets the idle limit directly; None
+            turns it off. Options apply when the engine is first tracked.
 
     Returns:
         ``obj`` itself, so ``engine = forksafe.track(create_engine(url))`` reads naturally.
 
     Raises:
         UnsupportedObjectError: (a ``TypeError``) for anything else, naming what is supported.
+        ValueError: an ``idle_check`` or ``recycle`` that is not a valid number of seconds.
     """
     _fork.after_fork()  # tracking in a child that no hook reset: make its state current first
     sa_adapter = _engine_module()
     if sa_adapter is not None and sa_adapter.is_engine(obj):
         engine = sa_adapter.as_sync_engine(obj)
         if not REGISTRY.is_engine_tracked(engine):
-            adapter = sa_adapter.EngineAdapter(engine)
+            adapter = sa_adapter.EngineAdapter(engine, idle_check=idle_check, recycle=recycle)
             if REGISTRY.add_engine(engine, adapter):
                 adapter.attach()
         return obj

@@ -26,11 +26,19 @@ import logging
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 
 from forksafe import _sockets
 from forksafe._registry import LOCK_TIMEOUT, REGISTRY, ConnectionEntry
 
-__all__ = ["after_fork", "current_pid", "internal_errors", "report_internal_error"]
+__all__ = [
+    "after_fork",
+    "current_pid",
+    "internal_errors",
+    "register_child_callback",
+    "report_internal_error",
+    "unregister_child_callback",
+]
 
 logger = logging.getLogger("forksafe")
 
@@ -46,6 +54,31 @@ class _State:
 _STATE = _State()
 _RESET_LOCK = threading.Lock()
 _INTERNAL_ERRORS: deque[BaseException] = deque(maxlen=100)
+# Integrations (forksafe.django) that hold connections outside the registry. A plain list,
+# copied before iteration: registration happens at import time, not concurrently with forks.
+_CHILD_CALLBACKS: list[Callable[[], object]] = []
+
+
+def register_child_callback(fn: Callable[[], object]) -> None:
+    """Run ``fn()`` in every child, after forksafe's reset of the tracked objects.
+
+    For integrations that keep connections where the registry cannot see them (Django's
+    per-alias connections). Callbacks run in registration order, once per reset of a
+    process; registering the same function twice is a no-op. A callback that raises is
+    reported through `report_internal_error` and the others still run: nothing reaches
+    the host server.
+    """
+    if fn not in _CHILD_CALLBACKS:
+        _CHILD_CALLBACKS.append(fn)
+
+
+def unregister_child_callback(fn: Callable[[], object]) -> bool:
+    """Remove a callback added by `register_child_callback`; return whether it was there."""
+    try:
+        _CHILD_CALLBACKS.remove(fn)
+    except ValueError:
+        return False
+    return True
 
 
 def current_pid() -> int:
@@ -110,6 +143,11 @@ def _reset(pid: int) -> None:
             adapter.reset_in_child()
         except Exception as exc:
             report_internal_error(exc, "giving a tracked engine a fresh pool")
+    for callback in list(_CHILD_CALLBACKS):
+        try:
+            callback()
+        except Exception as exc:
+            report_internal_error(exc, f"the after-fork callback {callback!r}")
     if inherited or engines:
         logger.debug(
             "forksafe: pid %d reset %d engine(s), neutralised %d inherited connection(s)",

@@ -5,7 +5,13 @@ Kept in their own module so every other module can import them without cycles.
 
 from __future__ import annotations
 
-__all__ = ["ChildDeadlockedError", "ForkSafetyWarning", "ForksafeError", "UnsupportedObjectError"]
+__all__ = [
+    "ChildDeadlockedError",
+    "CommitUnknownError",
+    "ForkSafetyWarning",
+    "ForksafeError",
+    "UnsupportedObjectError",
+]
 
 
 class ForksafeError(Exception):
@@ -28,6 +34,18 @@ class ChildDeadlockedError(ForksafeError):
     """A lock held by a thread of the parent at fork time could not be taken in the child.
 
     .. versionadded:: 0.1
+    """
+
+
+class CommitUnknownError(ForksafeError):
+    """The connection was lost during COMMIT: the transaction may or may not be committed.
+
+    Raised by `forksafe.retry_on_disconnect` / `forksafe.retrying` instead of re-running
+    the work, because re-running a write whose COMMIT reached the server applies it twice.
+    The original error is the ``__cause__``. Check whether the work took effect (for example
+    by a unique key the work wrote) before doing it again.
+
+    .. versionadded:: 0.2
     """
 
 

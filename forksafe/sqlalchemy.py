@@ -14,16 +14,35 @@ On ``track(engine)``:
 In a child, `EngineAdapter.reset_in_child` runs after every inherited socket was neutralised
 and gives the engine a fresh pool of the same configuration (``dispose(close=False)``):
 nothing of the old pool can reach the server any more, whatever the child does with it.
+
+Stale connections (``track(engine, idle_check=..., recycle=...)``):
+
+* a ``checkin`` listener stamps the record with ``time.monotonic()``; the ``checkout``
+  listener compares it with one threshold, so a hot connection pays one subtraction and
+  one comparison, never a round trip (``pool_pre_ping`` pays a round trip every time);
+* a connection idle for at least ``idle_check`` seconds is pinged first (the dialect's
+  ``do_ping``); a dead one is replaced, and every connection older than it is dropped too
+  (``InvalidatePoolError``: a dead idle connection usually means a restart or a cut);
+* with ``recycle="auto"`` the ``connect`` listener asks the server its idle limit once
+  per new connection (MySQL/MariaDB ``@@session.wait_timeout``, PostgreSQL
+  ``idle_session_timeout``) and a connection idle for 90% of it is replaced without a
+  ping: the server is about to drop it. A ``pool_recycle`` set by the user turns the auto
+  mode off (their choice stands); ``recycle=seconds`` sets the idle limit directly;
+* a ``handle_error`` listener marks every error `forksafe.errors` classifies as a
+  disconnect as one (so SQLAlchemy invalidates the connection and every older one in the
+  pool), and logs the explanation once per cause.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import time
 import weakref
 from typing import Any
 
-from forksafe import _fork
+from forksafe import _fork, errors
 from forksafe._registry import REGISTRY, ConnectionEntry
 from forksafe.drivers import find_driver, supported_names, unwrap
 from forksafe.exceptions import UnsupportedObjectError
@@ -36,7 +55,25 @@ except ImportError as _err:  # pragma: no cover - exercised by users without SQL
         "forksafe.sqlalchemy requires the SQLAlchemy package: pip install 'forksafe[sqlalchemy]'"
     ) from _err
 
-__all__ = ["SUPPORTED_DIALECT_DRIVERS", "EngineAdapter", "as_sync_engine", "is_engine"]
+__all__ = [
+    "DEFAULT_IDLE_CHECK",
+    "SUPPORTED_DIALECT_DRIVERS",
+    "EngineAdapter",
+    "as_sync_engine",
+    "is_engine",
+    "server_idle_limit",
+]
+
+logger = logging.getLogger("forksafe")
+
+#: Seconds a pooled connection may sit idle before forksafe pings it at checkout.
+DEFAULT_IDLE_CHECK = 10.0
+#: Share of the server's idle limit after which an idle connection is replaced unpinged.
+RETIRE_FRACTION = 0.9
+
+# Keys in ``_ConnectionRecord.info`` (SQLAlchemy clears it when it reconnects a record).
+_IDLE_SINCE = "forksafe_idle_since"
+_RETIRE_AFTER = "forksafe_retire_after"
 
 #: ``engine.dialect.driver`` values whose connections forksafe can neutralise.
 SUPPORTED_DIALECT_DRIVERS = frozenset(
@@ -76,10 +113,48 @@ def _record_connection(record: Any) -> Any:
     return getattr(record, "dbapi_connection", None) or getattr(record, "connection", None)
 
 
+def server_idle_limit(dialect_name: str, dbapi_connection: Any) -> float | None:
+    """The server's idle limit for this session in seconds, or None if it has none.
+
+    MySQL/MariaDB: ``@@session.wait_timeout``. PostgreSQL: ``idle_session_timeout`` (14+;
+    0 means off). One round trip (plus a rollback of the implicit transaction).
+    """
+    if dialect_name in ("mysql", "mariadb"):
+        sql, scale = "SELECT @@session.wait_timeout", 1.0
+    elif dialect_name == "postgresql":
+        sql = "SELECT setting FROM pg_settings WHERE name = 'idle_session_timeout'"
+        scale = 0.001  # pg_settings reports it in milliseconds
+    else:
+        return None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(sql)
+        row = cursor.fetchone()
+    finally:
+        cursor.close()
+    dbapi_connection.rollback()
+    if not row or row[0] is None:
+        return None
+    seconds = float(row[0]) * scale
+    return seconds if seconds > 0 else None
+
+
 class EngineAdapter:
     """Installs forksafe's pool listeners on one engine and resets it in a child."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        idle_check: float | None = DEFAULT_IDLE_CHECK,
+        recycle: float | str | None = "auto",
+    ) -> None:
+        if idle_check is not None and not idle_check >= 0:
+            raise ValueError(f"idle_check must be seconds >= 0 or None, got {idle_check!r}")
+        if not (recycle is None or recycle == "auto" or (
+            isinstance(recycle, (int, float)) and not isinstance(recycle, bool) and recycle > 0
+        )):
+            raise ValueError(f"recycle must be 'auto', seconds > 0 or None, got {recycle!r}")
         driver = engine.dialect.driver
         if driver not in SUPPORTED_DIALECT_DRIVERS:
             raise UnsupportedObjectError(
@@ -91,6 +166,24 @@ class EngineAdapter:
         self._engine_ref = weakref.ref(engine)
         self._origin = describe(engine)
         self._listeners: list[tuple[str, Any]] = []
+        self._dialect = engine.dialect
+        self.idle_check = idle_check
+        user_recycle = getattr(engine.pool, "_recycle", -1)
+        # "auto" learns the server's limit on connect, unless the user chose pool_recycle.
+        self._learn_limit = recycle == "auto" and not (user_recycle and user_recycle > 0)
+        self.retire_after: float | None = (
+            float(recycle) if isinstance(recycle, (int, float)) else None
+        )
+        # The one number the hot path compares with: the smallest idle time that needs any
+        # action. Lowered (never raised) as connections report their server's limit; a
+        # plain float write, atomic under the GIL, so checkouts read it without a lock.
+        self._check_after = math.inf
+        self._update_threshold(None)
+
+    def _update_threshold(self, learned: float | None) -> None:
+        candidates = [t for t in (self.idle_check, self.retire_after, learned) if t is not None]
+        if candidates:
+            self._check_after = min(self._check_after, *candidates)
 
     # -- hooks -----------------------------------------------------------------------------
     def attach(self) -> None:
@@ -100,6 +193,9 @@ class EngineAdapter:
             return
         self._listen(engine, "connect", self._on_connect)
         self._listen(engine, "checkout", self._on_checkout)
+        if self.idle_check is not None or self.retire_after is not None or self._learn_limit:
+            self._listen(engine, "checkin", self._on_checkin_idle)
+        self._listen(engine, "handle_error", self._on_error)
         for record in _idle_records(engine.pool):
             conn = _record_connection(record)
             if conn is not None:
@@ -143,6 +239,32 @@ class EngineAdapter:
 
     def _on_connect(self, dbapi_connection: Any, connection_record: Any) -> None:
         self._register(dbapi_connection)
+        if self._learn_limit:
+            try:
+                limit = server_idle_limit(self._dialect.name, dbapi_connection)
+            except Exception as err:  # never fail a connect over an optimisation
+                logger.debug("forksafe: %s: could not read the server's idle limit: %r",
+                             self._origin, err)
+                return
+            if limit is not None:
+                retire = limit * RETIRE_FRACTION
+                if self.retire_after is not None:
+                    retire = min(retire, self.retire_after)
+                connection_record.info[_RETIRE_AFTER] = retire
+                self._update_threshold(retire)
+
+    def _on_checkin_idle(self, dbapi_connection: Any, connection_record: Any) -> None:
+        if connection_record is not None:
+            connection_record.info[_IDLE_SINCE] = time.monotonic()
+
+    def _on_error(self, context: Any) -> None:
+        original = context.original_exception
+        kind = errors.classify(original)
+        if kind is None:
+            return
+        if kind.disconnect and not context.is_disconnect:
+            context.is_disconnect = True
+        errors.report(original, self._origin)
 
     def _on_checkin(self, dbapi_connection: Any, connection_record: Any) -> None:
         if dbapi_connection is not None:
@@ -156,6 +278,31 @@ class EngineAdapter:
             raise exc.DisconnectionError(
                 "forksafe: this connection was inherited across a fork; opening a new one"
             )
+        # The hot path of a pooled connection: one dict lookup, one clock read, one compare.
+        since = connection_record.info.get(_IDLE_SINCE)
+        if since is not None and time.monotonic() - since >= self._check_after:
+            self._check_idle(dbapi_connection, connection_record, since)
+
+    def _check_idle(self, dbapi_connection: Any, record: Any, since: float) -> None:
+        """A connection idle long enough that it may be dead: retire it, or ping it."""
+        idle = time.monotonic() - since
+        retire = record.info.get(_RETIRE_AFTER, self.retire_after)
+        if retire is not None and idle >= retire:
+            raise exc.DisconnectionError(
+                f"forksafe: connection idle {idle:.1f}s, past {retire:.1f}s (90% of the "
+                "server's idle limit, or recycle=); replacing it without a round trip"
+            )
+        if self.idle_check is None or idle < self.idle_check:
+            return
+        try:
+            self._dialect.do_ping(dbapi_connection)
+        except Exception as err:
+            errors.report(err, self._origin)
+            raise exc.InvalidatePoolError(
+                f"forksafe: connection idle {idle:.1f}s failed its liveness check ({err!r}); "
+                "replacing it and every older pooled connection"
+            ) from err
+        record.info[_IDLE_SINCE] = time.monotonic()
 
     # -- fork ------------------------------------------------------------------------------
     def reset_in_child(self) -> None:
