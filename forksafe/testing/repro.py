@@ -1,0 +1,411 @@
+"""``forksafe repro``: fork real workers, hammer them, count what went wrong, with and without.
+
+For each scenario (gunicorn, uWSGI, a ``multiprocessing`` pool) and mode (a SQLAlchemy
+engine, or one raw global DBAPI connection, created and used while the app loads), the
+command starts the real server twice, once with the app unprotected and once protected by
+forksafe as the README says, sends concurrent requests that each carry a unique number, and
+checks every answer (`forksafe.testing.checks`). The table shows both runs side by side.
+
+Without ``--db`` it starts a private MariaDB in a temporary directory (``mariadbd`` must be
+installed) and removes it afterwards. With ``--db URL`` it uses that server and creates (or
+refills) one table there, ``forksafe_repro_items``.
+
+Exit status: 0 when every run with forksafe is clean; 1 when one is not; 2 on bad input or a
+missing piece (one line on stderr says what to do); 130 when interrupted. Every process the
+command started is stopped in every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from forksafe.testing import checks
+from forksafe.testing.report import RunResult, exit_status, render_json, render_table
+from forksafe.testing.servers import (
+    DEFAULT_SCENARIOS,
+    SCENARIOS,
+    HarnessError,
+    Scenario,
+    ServerSettings,
+    check_port_free,
+    check_scenario_available,
+    free_port,
+    run_pool,
+    running_server,
+)
+
+__all__ = ["add_arguments", "main", "run"]
+
+#: --driver -> (SQLAlchemy dialect+driver, module to import, pip hint)
+DRIVERS: dict[str, tuple[str, str, str]] = {
+    "mysqlclient": ("mysql+mysqldb", "MySQLdb", "pip install mysqlclient"),
+    "pymysql": ("mysql+pymysql", "pymysql", "pip install PyMySQL"),
+    "psycopg2": ("postgresql+psycopg2", "psycopg2", "pip install psycopg2-binary"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``forksafe repro``."""
+    names = ", ".join(SCENARIOS)
+    parser.add_argument(
+        "--server",
+        default="default",
+        metavar="NAME[,NAME...]",
+        help=f"scenarios to run: {names}; 'all' for every one "
+        f"(default: {', '.join(DEFAULT_SCENARIOS)})",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=[*checks.MODES, "all"],
+        default="engine",
+        help="engine: a SQLAlchemy engine used at import; raw: a global DBAPI connection "
+        "(default: engine)",
+    )
+    parser.add_argument(
+        "--driver",
+        choices=list(DRIVERS),
+        default=None,
+        help="mysqlclient (default for MySQL/MariaDB), pymysql, or psycopg2 (with a "
+        "postgresql:// --db)",
+    )
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        default=None,
+        help="database to use, e.g. mysql://user:pw@host/db or postgresql://user@host/db "
+        "(default: a private MariaDB started for the run)",
+    )
+    parser.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    parser.add_argument(
+        "--threads", type=int, default=4, help="threads per worker in threaded scenarios (4)"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=400, help="requests per run and round (default 400)"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=32, help="concurrent client requests (default 32)"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="rounds per run (default 1)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        help="seconds one request may take before it counts as hung (default 5)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=0, help="HTTP port for the servers (default: a free one)"
+    )
+    parser.add_argument(
+        "--only",
+        choices=["with", "without"],
+        default=None,
+        help="run only the protected ('with') or unprotected ('without') half",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+
+
+@dataclass
+class Target:
+    """The database the runs use."""
+
+    url: str  # with the password: only ever passed to the app through its environment
+    safe_url: str
+    driver: str
+    description: str
+
+
+def _progress(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _validate(args: argparse.Namespace) -> tuple[list[Scenario], list[str]]:
+    for name in ("workers", "threads", "requests", "concurrency", "rounds"):
+        if getattr(args, name) < 1:
+            raise HarnessError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.timeout <= 0:
+        raise HarnessError(f"--timeout must be positive, got {args.timeout}")
+    if args.port and not 0 < args.port < 65536:
+        raise HarnessError(f"--port must be between 1 and 65535, got {args.port}")
+    wanted = [s.strip() for s in str(args.server).split(",") if s.strip()]
+    if wanted in (["default"], []):
+        wanted = list(DEFAULT_SCENARIOS)
+    elif wanted == ["all"]:
+        wanted = list(SCENARIOS)
+    unknown = [w for w in wanted if w not in SCENARIOS]
+    if unknown:
+        raise HarnessError(
+            f"unknown --server {', '.join(unknown)}: choose from {', '.join(SCENARIOS)} or 'all'"
+        )
+    scenarios = [SCENARIOS[w] for w in dict.fromkeys(wanted)]
+    for scenario in scenarios:
+        check_scenario_available(scenario)
+    modes = list(checks.MODES) if args.mode == "all" else [args.mode]
+    if args.port:
+        check_port_free(args.port)
+    return scenarios, modes
+
+
+def _require(module: str, hint: str, what: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise HarnessError(f"{what} needs the {module} module: {hint}")
+
+
+@contextlib.contextmanager
+def _database(args: argparse.Namespace) -> Iterator[Target]:
+    """Connect to ``--db`` (or start a private MariaDB), check it answers, seed the table."""
+    _require("sqlalchemy", "pip install 'forksafe[repro]'", "forksafe repro")
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    server: Any = None
+    try:
+        if args.db:
+            try:
+                url = make_url(args.db)
+            except ArgumentError:
+                raise HarnessError(
+                    "--db is not a database URL: use e.g. mysql://user:password@host:3306/db "
+                    "or postgresql://user@host/db"
+                ) from None
+            backend = url.get_backend_name()
+            if backend not in ("mysql", "mariadb", "postgresql"):
+                raise HarnessError(
+                    f"--db {url.render_as_string(hide_password=True)}: forksafe repro speaks "
+                    "MySQL/MariaDB and PostgreSQL; pass a mysql:// or postgresql:// URL"
+                )
+            description = f"the server at {url.host or 'localhost'}:{url.port or 'default port'}"
+        else:
+            _require("mirakuru", "pip install 'forksafe[repro]'", "a private MariaDB")
+            from forksafe.testing.mariadb import MariaDB, ServerUnavailableError
+
+            _progress(args, "starting a private MariaDB ...")
+            started = time.monotonic()
+            try:
+                server = MariaDB(general_log=False)
+                server.start()
+            except ServerUnavailableError as exc:
+                first = str(exc).splitlines()[0]
+                raise HarnessError(f"{first} (or pass --db URL)") from None
+            url = make_url(server.url())
+            backend = "mysql"
+            description = "a private MariaDB"
+            _progress(
+                args, f"  ready on port {server.port} ({time.monotonic() - started:.1f} s)"
+            )
+        driver = args.driver or ("psycopg2" if backend == "postgresql" else "mysqlclient")
+        dialect, module, hint = DRIVERS[driver]
+        if (backend == "postgresql") != (driver == "psycopg2"):
+            raise HarnessError(
+                f"--driver {driver} does not speak to a {backend} server: use "
+                + ("psycopg2" if backend == "postgresql" else "mysqlclient or pymysql")
+            )
+        _require(module, hint, f"--driver {driver}")
+        url = url.set(drivername=dialect)
+        if not url.database:
+            url = url.set(database="postgres" if backend == "postgresql" else "forksafe")
+        target = Target(
+            url=url.render_as_string(hide_password=False),
+            safe_url=url.render_as_string(hide_password=True),
+            driver=driver,
+            description=description,
+        )
+        version = _seed(target)
+        target.description += f", {version}"
+        yield target
+    finally:
+        if server is not None:
+            server.cleanup()
+
+
+def _seed(target: Target) -> str:
+    """Create and fill the seeded table (when needed); return the server's version."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    # checks.TABLE is a constant, never input: the f-strings below carry no user data.
+    table = checks.TABLE
+    connect_args = checks.driver_timeout_args(target.url.split(":", 1)[0], 5)
+    engine = create_engine(target.url, connect_args=connect_args, poolclass=NullPool)
+    try:
+        with engine.begin() as conn:
+            version = str(conn.execute(text("SELECT VERSION()")).scalar())
+            conn.execute(
+                text(
+                    f"CREATE TABLE IF NOT EXISTS {table} "
+                    "(id INTEGER PRIMARY KEY, label VARCHAR(64) NOT NULL)"
+                )
+            )
+            select = f"SELECT id, label FROM {table} ORDER BY id"  # noqa: S608
+            have = conn.execute(text(select)).all()
+            want = [(i, checks.label_for(i)) for i in range(1, checks.SEED_ROWS + 1)]
+            if [tuple(r) for r in have] != want:
+                conn.execute(text(f"DELETE FROM {table}"))  # noqa: S608
+                conn.execute(
+                    text(f"INSERT INTO {table} (id, label) VALUES (:i, :l)"),  # noqa: S608
+                    [{"i": i, "l": label} for i, label in want],
+                )
+    except Exception as exc:
+        reason = " ".join(str(getattr(exc, "orig", exc)).split())[:200]
+        raise HarnessError(
+            f"cannot use {target.safe_url}: {reason}. Check the URL, that the server runs "
+            "and the user may create a table; or leave --db out to use a private MariaDB"
+        ) from None
+    finally:
+        engine.dispose()
+    return version.split("-", maxsplit=1)[0] if "mariadb" in version.lower() else version
+
+
+def _one_round(
+    args: argparse.Namespace, scenario: Scenario, settings: ServerSettings, first: int
+) -> list[tuple[int, str, str]]:
+    numbers = range(first, first + args.requests)
+    deadline = max(30.0, 6 * args.timeout)
+    if scenario.kind == "pool":
+        data = run_pool(settings, args.requests, deadline)
+        # the pool numbers its requests 1..N: shift them into this round's range
+        return [(first - 1 + int(n), str(c), str(m)) for n, c, m in data["outcomes"]]
+    from forksafe.testing.load import run_load
+
+    with running_server(scenario, settings) as base:
+        return run_load(base, numbers, args.concurrency, args.timeout, deadline)
+
+
+def _run_all(
+    args: argparse.Namespace, target: Target, scenarios: list[Scenario], modes: list[str]
+) -> list[RunResult]:
+    sides = [False, True]
+    if args.only == "with":
+        sides = [True]
+    elif args.only == "without":
+        sides = [False]
+    total = len(scenarios) * len(modes) * len(sides) * args.rounds
+    done = 0
+    first = 1
+    results = []
+    for scenario in scenarios:
+        for mode in modes:
+            for protect in sides:
+                result = RunResult(
+                    scenario=scenario.name,
+                    title=scenario.title,
+                    mode=mode,
+                    driver=target.driver,
+                    protected=protect,
+                )
+                for round_no in range(1, args.rounds + 1):
+                    done += 1
+                    side = "with" if protect else "without"
+                    label = f"[{done}/{total}] {scenario.name:<16} {mode:<6} {side:<7} forksafe"
+                    if args.rounds > 1:
+                        label += f", round {round_no}/{args.rounds}"
+                    settings = ServerSettings(
+                        url=target.url,
+                        mode=mode,
+                        protect=protect,
+                        workers=args.workers,
+                        threads=args.threads,
+                        port=args.port or free_port(),
+                        db_timeout=max(1, round(min(args.timeout, 3.0))),
+                    )
+                    started = time.monotonic()
+                    outcomes = _one_round(args, scenario, settings, first)
+                    first += args.requests
+                    seconds = time.monotonic() - started
+                    result.add_round(outcomes, seconds)
+                    bad = sum(1 for o in outcomes if o[1] != checks.OK)
+                    _progress(
+                        args,
+                        f"{label}: {bad} of {len(outcomes)} requests failed ({seconds:.1f} s)",
+                    )
+                results.append(result)
+    return results
+
+
+def _header(args: argparse.Namespace, target: Target, modes: list[str]) -> list[str]:
+    rounds = f", {args.rounds} rounds" if args.rounds > 1 else ""
+    return [
+        f"forksafe repro: {args.requests} requests per run, {args.concurrency} at a time, "
+        f"{args.workers} workers ({args.threads} threads each where threaded){rounds}",
+        f"database: {target.safe_url} ({target.description}), driver {target.driver}",
+        "modes: "
+        + "; ".join(
+            "engine = a SQLAlchemy engine used at import"
+            if m == "engine"
+            else "raw = a global DBAPI connection opened at import"
+            for m in modes
+        ),
+    ]
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``forksafe repro``; returns the exit status."""
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _on_sigterm)  # stop everything on SIGTERM, as on Ctrl-C
+    try:
+        scenarios, modes = _validate(args)
+        started = time.monotonic()
+        with _database(args) as target:
+            results = _run_all(args, target, scenarios, modes)
+            header = _header(args, target, modes)
+            settings = {
+                "database": target.safe_url,
+                "driver": target.driver,
+                "scenarios": [s.name for s in scenarios],
+                "modes": modes,
+                "workers": args.workers,
+                "threads": args.threads,
+                "requests": args.requests,
+                "concurrency": args.concurrency,
+                "rounds": args.rounds,
+                "timeout": args.timeout,
+            }
+        status, reason = exit_status(results)
+        if args.json:
+            print(render_json(results, settings))
+        else:
+            print(render_table(results, header))
+            print()
+            print(("FAIL: " if status else "") + reason + ".")
+            if any(r.verdict == "not reproduced" for r in results):
+                print(
+                    "not reproduced: the race did not show in this run; try more --requests, "
+                    "--concurrency or --rounds."
+                )
+            print(f"({time.monotonic() - started:.0f} s)")
+        if status:
+            print(f"forksafe repro: {reason}", file=sys.stderr)
+        return status
+    except HarnessError as exc:
+        print(f"forksafe repro: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("forksafe repro: interrupted; every server it started was stopped", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m forksafe.testing.repro``: the same as ``forksafe repro``."""
+    parser = argparse.ArgumentParser(prog="forksafe repro", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
