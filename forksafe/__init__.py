@@ -94,9 +94,9 @@ def track(
         recycle: (engines only) when to replace an idle connection without pinging it:
             ``"auto"`` (default) asks the server its idle limit on connect (MySQL/MariaDB
             ``wait_timeout``, PostgreSQL ``idle_session_timeout``) and replaces a
-            connection idle for 90% of it, unless you set ``pool_recycle`` yourself (then
-            forksafe leaves recycling to it); seconds sets the idle limit directly; None
-            turns it off. Options apply when the engine is first tracked.
+            connection idle for 90% of it; seconds sets that idle limit directly; None
+            turns it off. A ``pool_recycle`` you set is never changed (SQLAlchemy applies
+            it by age, alongside). Options apply when the engine is first tracked.
 
     Returns:
         ``obj`` itself, so ``engine = forksafe.track(create_engine(url))`` reads naturally.

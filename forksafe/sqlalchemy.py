@@ -26,8 +26,9 @@ Stale connections (``track(engine, idle_check=..., recycle=...)``):
 * with ``recycle="auto"`` the ``connect`` listener asks the server its idle limit once
   per new connection (MySQL/MariaDB ``@@session.wait_timeout``, PostgreSQL
   ``idle_session_timeout``) and a connection idle for 90% of it is replaced without a
-  ping: the server is about to drop it. A ``pool_recycle`` set by the user turns the auto
-  mode off (their choice stands); ``recycle=seconds`` sets the idle limit directly;
+  ping: the server is about to drop it. A ``pool_recycle`` set by the user is left as it
+  is (SQLAlchemy applies it by age, forksafe by idle time); ``recycle=seconds`` sets the
+  idle limit directly;
 * a ``handle_error`` listener marks every error `forksafe.errors` classifies as a
   disconnect as one (so SQLAlchemy invalidates the connection and every older one in the
   pool), and logs the explanation once per cause.
@@ -168,9 +169,9 @@ class EngineAdapter:
         self._listeners: list[tuple[str, Any]] = []
         self._dialect = engine.dialect
         self.idle_check = idle_check
-        user_recycle = getattr(engine.pool, "_recycle", -1)
-        # "auto" learns the server's limit on connect, unless the user chose pool_recycle.
-        self._learn_limit = recycle == "auto" and not (user_recycle and user_recycle > 0)
+        # "auto" learns the server's limit on connect. It never touches the pool's own
+        # ``pool_recycle`` (an age limit the user chose): the two work side by side.
+        self._learn_limit = recycle == "auto"
         self.retire_after: float | None = (
             float(recycle) if isinstance(recycle, (int, float)) else None
         )

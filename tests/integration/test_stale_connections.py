@@ -1,0 +1,240 @@
+"""Stale and dropped connections on tracked engines, against private MariaDB servers.
+
+Each test starts its own server (they restart it, kill its sessions, or run it with
+``--wait-timeout=2``) and shows the failure without forksafe's feature next to the success
+with it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import MySQLdb
+import pytest
+from sqlalchemy import create_engine, exc, text
+
+import forksafe
+from forksafe.testing.proxy import FaultProxy
+from tests.conftest import unavailable
+
+pytestmark = [pytest.mark.mariadb]
+
+# The MySQL protocol's COM_QUERY byte followed by the statement: matches the COMMIT itself,
+# not "SET autocommit" at connect.
+COM_QUERY_COMMIT = b"\x03COMMIT"
+
+
+def start_server(*options: str) -> Any:
+    from forksafe.testing.mariadb import MariaDB, ServerUnavailableError
+
+    server = MariaDB(options=options, general_log=False)
+    try:
+        server.start()
+    except ServerUnavailableError as err:
+        server.cleanup()
+        unavailable(str(err))
+    return server
+
+
+@pytest.fixture
+def short_timeout() -> Iterator[Any]:
+    """A private MariaDB whose wait_timeout is 2 seconds."""
+    server = start_server("--wait-timeout=2")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def server() -> Iterator[Any]:
+    """A private MariaDB with default settings, which the test may restart."""
+    server = start_server()
+    yield server
+    server.cleanup()
+
+
+def count_pings(engine: Any) -> list[int]:
+    """Count the dialect's liveness pings on ``engine`` (the real ping still runs)."""
+    pings: list[int] = []
+    original = engine.dialect.do_ping
+
+    def counting(dbapi_connection: Any) -> bool:
+        pings.append(1)
+        return bool(original(dbapi_connection))
+
+    engine.dialect.do_ping = counting
+    return pings
+
+
+def test_wait_timeout_shorter_than_idle_gaps(short_timeout: Any) -> None:
+    """With wait_timeout=2 and 3 s idle gaps, a tracked engine never hands out a dead
+    connection (no error reaches the caller); a plain engine fails with 2006 after a gap."""
+    tracked = forksafe.track(create_engine(short_timeout.url()))
+    plain = create_engine(short_timeout.url())
+    learned = create_engine(short_timeout.url(), pool_recycle=3600)
+    forksafe.track(learned)
+    tracked_ids, plain_errors = [], []
+    for _ in range(3):
+        with tracked.connect() as conn:
+            tracked_ids.append(conn.execute(text("SELECT CONNECTION_ID()")).scalar())
+        with learned.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar() == 1
+        try:
+            with plain.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except exc.OperationalError as err:
+            plain_errors.append(err.orig.args[0])
+        time.sleep(3)
+    assert plain_errors, "without forksafe a connection idle past wait_timeout must fail"
+    assert set(plain_errors) <= {2006, 2013}
+    assert len(set(tracked_ids)) == 3, "each idle connection was replaced before use"
+    assert learned.pool._recycle == 3600, "a pool_recycle the user set is never changed"
+
+
+def test_hot_connections_are_never_pinged(server: Any) -> None:
+    """A connection reused within idle_check pays no round trip; pool_pre_ping pays one per
+    checkout."""
+    tracked = forksafe.track(create_engine(server.url()), idle_check=5.0)
+    pre_ping = create_engine(server.url(), pool_pre_ping=True)
+    tracked_pings, pre_pings = count_pings(tracked), count_pings(pre_ping)
+    for engine in (tracked, pre_ping):
+        for _ in range(50):
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+    assert tracked_pings == []
+    assert len(pre_pings) == 49  # every checkout but the first (a fresh connection)
+
+
+def test_idle_connection_killed_is_replaced_and_restart_drops_older(server: Any) -> None:
+    """An idle pooled connection whose server restarted is pinged, found dead, and replaced;
+    the pool then drops every older connection without pinging each. Without forksafe the
+    first use after the restart fails."""
+    tracked = forksafe.track(create_engine(server.url(), pool_size=3), idle_check=0.5,
+                             recycle=None)
+    plain = create_engine(server.url(), pool_size=3)
+    pings = count_pings(tracked)
+
+    def fill(engine: Any) -> None:
+        conns = [engine.connect() for _ in range(3)]
+        for conn in conns:
+            conn.execute(text("SELECT 1"))
+        for conn in conns:
+            conn.close()
+
+    fill(tracked)
+    fill(plain)
+    server.restart()
+    time.sleep(0.6)
+    with pytest.raises(exc.OperationalError):
+        with plain.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    held = [tracked.connect() for _ in range(3)]
+    assert [c.execute(text("SELECT 1")).scalar() for c in held] == [1, 1, 1]
+    for conn in held:
+        conn.close()
+    assert len(pings) == 1, "one failed ping invalidates the older connections at once"
+
+
+def test_disconnect_errors_invalidate_the_pool_and_are_explained(
+    server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A KILLed session fails once, the failure is logged with cause and fix (once, no
+    password), and the next checkout gets a working connection."""
+    caplog.set_level("WARNING", logger="forksafe")
+    forksafe.errors.reset_reported()
+    engine = forksafe.track(create_engine(server.url()), idle_check=None, recycle=None)
+    failures = 0
+    for _ in range(3):
+        with engine.connect() as conn:
+            cid = conn.execute(text("SELECT CONNECTION_ID()")).scalar()
+            server.execute(f"KILL CONNECTION {int(cid)}")
+            with pytest.raises(exc.OperationalError) as info:
+                conn.execute(text("SELECT 1"))
+            assert info.value.connection_invalidated
+            failures += 1
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar() == 1
+    explained = [r.getMessage() for r in caplog.records if "Likely cause" in r.getMessage()]
+    assert failures == 3
+    assert len(explained) == 1, explained
+    assert "Fix:" in explained[0]
+    forksafe.errors.reset_reported()
+
+
+def test_commit_lost_is_never_repeated(server: Any) -> None:
+    """The connection drops after the server committed but before the client heard: a naive
+    retry applies the write twice; forksafe.retry_on_disconnect raises CommitUnknownError
+    and the row exists exactly once. A drop before COMMIT is retried and applied once."""
+    server.execute("CREATE TABLE forksafe.orders (id INT AUTO_INCREMENT PRIMARY KEY, "
+                   "k VARCHAR(40) NOT NULL)")
+    proxy = FaultProxy("127.0.0.1", server.port).start()
+    url = f"mysql+mysqldb://root@127.0.0.1:{proxy.port}/forksafe"
+
+    def count(key: str) -> int:
+        return int(server.execute(f"SELECT COUNT(*) FROM forksafe.orders WHERE k = '{key}'")[0][0])
+
+    try:
+        # What the usual advice does: retry on OperationalError.
+        naive_engine = create_engine(url)
+
+        def naive(key: str) -> None:
+            for _ in range(3):
+                try:
+                    with naive_engine.begin() as conn:
+                        conn.execute(text("INSERT INTO orders (k) VALUES (:k)"), {"k": key})
+                    return
+                except exc.OperationalError:
+                    continue
+
+        proxy.cut_after(COM_QUERY_COMMIT)
+        naive("naive")
+        assert count("naive") == 2, "a naive retry repeats a write whose COMMIT landed"
+
+        engine = forksafe.track(create_engine(url))
+
+        @forksafe.retry_on_disconnect(attempts=3, backoff=0.01)
+        def place(key: str) -> None:
+            with engine.begin() as conn:
+                conn.execute(text("INSERT INTO orders (k) VALUES (:k)"), {"k": key})
+
+        proxy.cut_after(COM_QUERY_COMMIT)
+        with pytest.raises(forksafe.CommitUnknownError) as info:
+            place("safe")
+        assert isinstance(info.value.__cause__, exc.OperationalError)
+        assert count("safe") == 1
+
+        proxy.cut_after(b"INSERT INTO orders")
+        place("before-commit")
+        assert count("before-commit") == 1
+        assert proxy.cuts >= 3
+    finally:
+        proxy.stop()
+
+
+def test_read_survives_a_restart(server: Any) -> None:
+    """A read wrapped in retry_on_disconnect, started while the server is down, returns once
+    the server is back; without the retry it fails."""
+    engine = forksafe.track(create_engine(server.url()))
+
+    @forksafe.retry_on_disconnect(attempts=20, backoff=0.1, max_backoff=0.5, timeout=30)
+    def read() -> int:
+        with engine.connect() as conn:
+            return int(conn.execute(text("SELECT 41 + 1")).scalar())
+
+    assert read() == 42
+    server.stop()
+    restarter = threading.Timer(1.5, server.start)
+    restarter.start()
+    try:
+        with pytest.raises(exc.OperationalError):
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        started = time.monotonic()
+        assert read() == 42
+        assert time.monotonic() - started > 0.5, "the read waited for the restart"
+    finally:
+        restarter.join()
+    with MySQLdb.connect(**server.connect_kwargs()) as check:
+        assert check.open
