@@ -161,57 +161,80 @@ def _require(module: str, hint: str, what: str) -> None:
         raise HarnessError(f"{what} needs the {module} module: {hint}")
 
 
-@contextlib.contextmanager
-def _database(args: argparse.Namespace) -> Iterator[Target]:
-    """Connect to ``--db`` (or start a private MariaDB), check it answers, seed the table."""
-    _require("sqlalchemy", "pip install 'forksafe[repro]'", "forksafe repro")
+def _parse_db(args: argparse.Namespace) -> tuple[Any, str, str]:
+    """``(url or None, backend, driver)`` from ``--db`` and ``--driver``, checked."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
+    url = None
+    if args.db:
+        try:
+            url = make_url(args.db)
+        except ArgumentError:
+            raise HarnessError(
+                "--db is not a database URL: use e.g. mysql://user:password@host:3306/db "
+                "or postgresql://user@host/db"
+            ) from None
+        backend = url.get_backend_name()
+        if backend == "mariadb":
+            backend = "mysql"
+        if backend not in ("mysql", "postgresql"):
+            raise HarnessError(
+                f"--db {url.render_as_string(hide_password=True)}: forksafe repro speaks "
+                "MySQL/MariaDB and PostgreSQL; pass a mysql:// or postgresql:// URL"
+            )
+    else:
+        backend = "postgresql" if args.driver == "psycopg2" else "mysql"
+    driver = args.driver or ("psycopg2" if backend == "postgresql" else "mysqlclient")
+    if (backend == "postgresql") != (driver == "psycopg2"):
+        raise HarnessError(
+            f"--driver {driver} does not speak to a {backend} server: use "
+            + ("psycopg2" if backend == "postgresql" else "mysqlclient or pymysql")
+        )
+    _dialect, module, hint = DRIVERS[driver]
+    _require(module, hint, f"--driver {driver}")
+    return url, backend, driver
+
+
+@contextlib.contextmanager
+def _database(args: argparse.Namespace) -> Iterator[Target]:
+    """Connect to ``--db`` (or start a private server), check it answers, seed the table.
+
+    The private server is MariaDB, or PostgreSQL with ``--driver psycopg2``; it is stopped
+    and its directory removed on the way out, whatever happens.
+    """
+    _require("sqlalchemy", "pip install 'forksafe[repro]'", "forksafe repro")
+    from sqlalchemy.engine import make_url
+
+    url, backend, driver = _parse_db(args)
     server: Any = None
     try:
-        if args.db:
-            try:
-                url = make_url(args.db)
-            except ArgumentError:
-                raise HarnessError(
-                    "--db is not a database URL: use e.g. mysql://user:password@host:3306/db "
-                    "or postgresql://user@host/db"
-                ) from None
-            backend = url.get_backend_name()
-            if backend not in ("mysql", "mariadb", "postgresql"):
-                raise HarnessError(
-                    f"--db {url.render_as_string(hide_password=True)}: forksafe repro speaks "
-                    "MySQL/MariaDB and PostgreSQL; pass a mysql:// or postgresql:// URL"
-                )
-            description = f"the server at {url.host or 'localhost'}:{url.port or 'default port'}"
+        if url is not None:
+            description = "given by --db"
         else:
-            _require("mirakuru", "pip install 'forksafe[repro]'", "a private MariaDB")
+            _require("mirakuru", "pip install 'forksafe[repro]'", "a private database server")
             from forksafe.testing.mariadb import MariaDB, ServerUnavailableError
 
-            _progress(args, "starting a private MariaDB ...")
+            name = "PostgreSQL" if backend == "postgresql" else "MariaDB"
+            _progress(args, f"starting a private {name} ...")
             started = time.monotonic()
             try:
-                server = MariaDB(general_log=False)
+                if backend == "postgresql":
+                    from forksafe.testing.postgres import PostgreSQL
+
+                    server = PostgreSQL()
+                else:
+                    server = MariaDB(general_log=False)
                 server.start()
             except ServerUnavailableError as exc:
                 first = str(exc).splitlines()[0]
                 raise HarnessError(f"{first} (or pass --db URL)") from None
             url = make_url(server.url())
-            backend = "mysql"
-            description = "a private MariaDB"
+            description = "private"
             _progress(
                 args, f"  ready on port {server.port} ({time.monotonic() - started:.1f} s)"
             )
-        driver = args.driver or ("psycopg2" if backend == "postgresql" else "mysqlclient")
-        dialect, module, hint = DRIVERS[driver]
-        if (backend == "postgresql") != (driver == "psycopg2"):
-            raise HarnessError(
-                f"--driver {driver} does not speak to a {backend} server: use "
-                + ("psycopg2" if backend == "postgresql" else "mysqlclient or pymysql")
-            )
-        _require(module, hint, f"--driver {driver}")
-        url = url.set(drivername=dialect)
+        url = url.set(drivername=DRIVERS[driver][0])
         if not url.database:
             url = url.set(database="postgres" if backend == "postgresql" else "forksafe")
         target = Target(
@@ -263,7 +286,9 @@ def _seed(target: Target) -> str:
         ) from None
     finally:
         engine.dispose()
-    return version.split("-", maxsplit=1)[0] if "mariadb" in version.lower() else version
+    if "mariadb" in version.lower():
+        return "MariaDB " + version.split("-", maxsplit=1)[0]
+    return " ".join(version.split()[:2])  # "PostgreSQL 15.8" / a MySQL version
 
 
 def _one_round(
@@ -272,6 +297,8 @@ def _one_round(
     numbers = range(first, first + args.requests)
     deadline = max(30.0, 6 * args.timeout)
     if scenario.kind == "pool":
+        # a pool worker stuck on a socket blocks every task queued behind it: end sooner
+        deadline = max(10.0, 2 * args.timeout)
         data = run_pool(settings, args.requests, deadline)
         # the pool numbers its requests 1..N: shift them into this round's range
         return [(first - 1 + int(n), str(c), str(m)) for n, c, m in data["outcomes"]]
