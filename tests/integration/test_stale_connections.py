@@ -127,9 +127,8 @@ def test_idle_connection_killed_is_replaced_and_restart_drops_older(server: Any)
     fill(plain)
     server.restart()
     time.sleep(0.6)
-    with pytest.raises(exc.OperationalError):
-        with plain.connect() as conn:
-            conn.execute(text("SELECT 1"))
+    with pytest.raises(exc.OperationalError), plain.connect() as conn:
+        conn.execute(text("SELECT 1"))
     held = [tracked.connect() for _ in range(3)]
     assert [c.execute(text("SELECT 1")).scalar() for c in held] == [1, 1, 1]
     for conn in held:
@@ -228,9 +227,8 @@ def test_read_survives_a_restart(server: Any) -> None:
     restarter = threading.Timer(1.5, server.start)
     restarter.start()
     try:
-        with pytest.raises(exc.OperationalError):
-            with engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
+        with pytest.raises(exc.OperationalError), engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
         started = time.monotonic()
         assert read() == 42
         assert time.monotonic() - started > 0.5, "the read waited for the restart"

@@ -39,7 +39,8 @@ def test_sqlalchemy_wrapper_is_looked_through() -> None:
     wrapped = sa_exc.OperationalError("SELECT 1", {}, orig)
     kind = errors.classify(wrapped)
     assert kind is errors.LOST_DURING_QUERY
-    assert kind.disconnect and kind.retry_safe
+    assert kind.disconnect
+    assert kind.retry_safe
 
 
 @pytest.mark.parametrize(

@@ -76,11 +76,15 @@ def test_timeout_stops_retrying() -> None:
     """No new attempt starts after ``timeout`` seconds, even with attempts left."""
     calls = []
     start = time.monotonic()
-    with pytest.raises(MySQLdb.OperationalError):
+
+    def run() -> None:
         for attempt in retrying(attempts=1000, backoff=0.05, max_backoff=0.05, timeout=0.3):
             with attempt:
                 calls.append(1)
                 raise MySQLdb.OperationalError(2006, "gone away")
+
+    with pytest.raises(MySQLdb.OperationalError):
+        run()
     assert time.monotonic() - start < 2.0
     assert 2 <= len(calls) < 20
 
@@ -106,7 +110,6 @@ def test_invalid_arguments() -> None:
 
 def test_error_outside_commit_is_not_a_commit_failure() -> None:
     """An error raised by ordinary code is not mistaken for a failure during COMMIT."""
-    try:
+    with pytest.raises(MySQLdb.OperationalError) as info:
         raise MySQLdb.OperationalError(2006, "gone away")
-    except MySQLdb.OperationalError as exc:
-        assert not in_commit(exc)
+    assert not in_commit(info.value)
