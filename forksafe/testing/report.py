@@ -119,7 +119,8 @@ def exit_status(results: Sequence[RunResult]) -> tuple[int, str]:
     reproduced = [r for r in unprotected if r.problems]
     parts = []
     if protected:
-        parts.append(f"every run with forksafe is clean ({len(protected)} runs)")
+        runs = "1 run" if len(protected) == 1 else f"{len(protected)} runs"
+        parts.append(f"every run with forksafe is clean ({runs})")
     if unprotected:
         parts.append(
             f"without forksafe the corruption was reproduced in {len(reproduced)} of "

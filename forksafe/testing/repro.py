@@ -43,7 +43,7 @@ from forksafe.testing.servers import (
     running_server,
 )
 
-__all__ = ["add_arguments", "main", "run"]
+__all__ = ["add_arguments", "main", "run", "run_round"]
 
 #: --driver -> (SQLAlchemy dialect+driver, module to import, pip hint)
 DRIVERS: dict[str, tuple[str, str, str]] = {
@@ -291,21 +291,41 @@ def _seed(target: Target) -> str:
     return " ".join(version.split()[:2])  # "PostgreSQL 15.8" / a MySQL version
 
 
-def _one_round(
-    args: argparse.Namespace, scenario: Scenario, settings: ServerSettings, first: int
+def run_round(
+    scenario: Scenario | str,
+    settings: ServerSettings,
+    requests: int,
+    *,
+    concurrency: int = 32,
+    timeout: float = 5.0,
+    first: int = 1,
 ) -> list[tuple[int, str, str]]:
-    numbers = range(first, first + args.requests)
-    deadline = max(30.0, 6 * args.timeout)
+    """One round of one scenario: start its processes, send the requests, stop everything.
+
+    Args:
+        scenario: a `Scenario` or its name.
+        settings: database URL, mode, protection, workers, port.
+        requests: how many requests (numbered ``first``, ``first + 1``, ...).
+        concurrency: concurrent client requests (server scenarios).
+        timeout: seconds one request may take before it counts as hung.
+        first: the first request number; keep numbers unique across rounds.
+
+    Returns:
+        ``(n, category, message)`` for every request, category from
+        `forksafe.testing.checks.CATEGORIES`.
+    """
+    if isinstance(scenario, str):
+        scenario = SCENARIOS[scenario]
+    deadline = max(30.0, 6 * timeout)
     if scenario.kind == "pool":
         # a pool worker stuck on a socket blocks every task queued behind it: end sooner
-        deadline = max(10.0, 2 * args.timeout)
-        data = run_pool(settings, args.requests, deadline)
+        data = run_pool(settings, requests, max(10.0, 2 * timeout))
         # the pool numbers its requests 1..N: shift them into this round's range
         return [(first - 1 + int(n), str(c), str(m)) for n, c, m in data["outcomes"]]
     from forksafe.testing.load import run_load
 
     with running_server(scenario, settings) as base:
-        return run_load(base, numbers, args.concurrency, args.timeout, deadline)
+        return run_load(base, range(first, first + requests), concurrency, timeout, deadline)
 
 
 def _run_all(
@@ -346,7 +366,14 @@ def _run_all(
                         db_timeout=max(1, round(min(args.timeout, 3.0))),
                     )
                     started = time.monotonic()
-                    outcomes = _one_round(args, scenario, settings, first)
+                    outcomes = run_round(
+                        scenario,
+                        settings,
+                        args.requests,
+                        concurrency=args.concurrency,
+                        timeout=args.timeout,
+                        first=first,
+                    )
                     first += args.requests
                     seconds = time.monotonic() - started
                     result.add_round(outcomes, seconds)
