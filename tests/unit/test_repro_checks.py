@@ -100,12 +100,9 @@ def test_resource_closed_wins_over_the_error_that_caused_it() -> None:
     import MySQLdb
     from sqlalchemy.exc import ResourceClosedError
 
-    with pytest.raises(ResourceClosedError) as info:
-        try:
-            raise _wrapped(MySQLdb.OperationalError(2013, "Lost connection"))
-        except Exception as cause:
-            raise ResourceClosedError("This result object does not return rows.") from cause
-    assert checks.classify_exception(info.value) == checks.CLOSED
+    closed = ResourceClosedError("This result object does not return rows.")
+    closed.__cause__ = _wrapped(MySQLdb.OperationalError(2013, "Lost connection"))
+    assert checks.classify_exception(closed) == checks.CLOSED
 
 
 def test_pymysql_and_psycopg2_messages_are_named() -> None:
