@@ -1,0 +1,243 @@
+"""One fork scenario for one driver, in a fresh interpreter (forks never happen in pytest).
+
+The generalisation of ``fork_scenario.py`` to every supported driver and both servers:
+mysqlclient and PyMySQL (MariaDB), psycopg2 and psycopg 3 (PostgreSQL), through a SQLAlchemy
+engine (``--kind engine``), an ``AsyncEngine`` (``--kind async``, psycopg 3) or a raw DBAPI
+connection (``--kind raw``).
+
+The parent opens a connection and records its server session id (``CONNECTION_ID()`` or
+``pg_backend_pid()``), forks children that each end in one way, waits, then uses its own
+connection again. How the parent protects itself: ``--mode track`` (``forksafe.track``),
+``instrument`` (``forksafe.instrument()`` before anything is opened), ``none``. Prints one
+JSON object and leaves with ``os._exit`` so that the parent itself never says goodbye.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import signal
+import sys
+import time
+import warnings
+
+import forksafe
+
+# Every database object lives here only, so that a child can drop the last reference.
+STATE: dict = {}
+
+
+def session_query(url) -> str:
+    return "SELECT pg_backend_pid()" if url.get_backend_name() == "postgresql" else (
+        "SELECT CONNECTION_ID()"
+    )
+
+
+def raw_connect(url):
+    driver = url.get_driver_name()
+    kwargs = {"host": url.host, "port": url.port, "user": url.username}
+    if driver == "mysqldb":
+        import MySQLdb
+
+        return MySQLdb.connect(**kwargs, database=url.database, autocommit=True)
+    if driver == "pymysql":
+        import pymysql
+
+        return pymysql.connect(**kwargs, database=url.database, autocommit=True)
+    if driver == "psycopg2":
+        import psycopg2
+
+        conn = psycopg2.connect(**kwargs, dbname=url.database)
+        conn.autocommit = True
+        return conn
+    import psycopg
+
+    return psycopg.connect(**kwargs, dbname=url.database, autocommit=True)
+
+
+def session_alive(url, sid: int) -> bool:
+    """Whether the server still lists session ``sid``, asked on a separate connection."""
+    if url.get_backend_name() == "postgresql":
+        sql = f"SELECT COUNT(*) FROM pg_stat_activity WHERE pid = {int(sid)}"
+    else:
+        sql = f"SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = {int(sid)}"
+    monitor = raw_connect(url)
+    try:
+        return raw_session(monitor, sql) == 1
+    finally:
+        monitor.close()
+
+
+def raw_session(conn, query: str) -> int:
+    cur = conn.cursor()
+    cur.execute(query)
+    (sid,) = cur.fetchone()
+    cur.close()
+    return int(sid)
+
+
+def engine_session(engine, query: str) -> int:
+    from sqlalchemy import text
+
+    with engine.connect() as c:
+        return int(c.execute(text(query)).scalar())
+
+
+async def async_session(engine, query: str) -> int:
+    from sqlalchemy import text
+
+    async with engine.connect() as c:
+        return int((await c.execute(text(query))).scalar())
+
+
+def session_id(query: str) -> int:
+    if "raw" in STATE:
+        return raw_session(STATE["raw"], query)
+    if "async" in STATE:
+        return asyncio.run(async_session(STATE["async"], query))
+    return engine_session(STATE["engine"], query)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--kind", choices=["engine", "raw", "async"], default="engine")
+    parser.add_argument("--mode", choices=["track", "instrument", "none"], default="track")
+    parser.add_argument("--action", required=True)
+    parser.add_argument("--children", type=int, default=2)
+    args = parser.parse_args()
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    url = make_url(args.url)
+    query = session_query(url)
+    if args.mode == "instrument":
+        forksafe.instrument()
+    if args.kind == "raw":
+        STATE["raw"] = raw_connect(url)
+        if args.mode == "track":
+            forksafe.track(STATE["raw"])
+    elif args.kind == "async":
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        STATE["async"] = create_async_engine(args.url, pool_size=2)
+        if args.mode == "track":
+            forksafe.track(STATE["async"])
+    else:
+        STATE["engine"] = create_engine(args.url, pool_size=2)
+        if args.mode == "track":
+            forksafe.track(STATE["engine"])
+    parent_id = session_id(query)
+
+    read_fd, write_fd = os.pipe()
+    pids = []
+    for _ in range(args.children):
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            child(args, url, query, write_fd)  # never returns
+        pids.append(pid)
+    if args.action == "sigterm":
+        time.sleep(0.5)
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+    exit_codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+    os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        child_reports = [json.loads(line) for line in pipe.read().splitlines() if line]
+    time.sleep(0.3)  # let the server log whatever the children sent
+
+    alive = session_alive(url, parent_id)  # asked from another connection: the server's view
+
+    after_id, error = None, None
+    try:
+        after_id = session_id(query)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"[:300]
+    print(json.dumps({
+        "parent_id": parent_id,
+        "alive_on_server": alive,
+        "after_id": after_id,
+        "parent_error": error,
+        "children": child_reports,
+        "exit_codes": exit_codes,
+        "internal_errors": [repr(e) for e in forksafe.internal_errors()],
+    }))
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def child(args, url, query: str, write_fd: int) -> None:
+    report: dict = {"pid": os.getpid()}
+    caught: list[warnings.WarningMessage] = []
+
+    def send() -> None:
+        report["internal_errors"] = [repr(e) for e in forksafe.internal_errors()]
+        report["warnings"] = [str(w.message) for w in caught]
+        os.write(write_fd, (json.dumps(report) + "\n").encode())
+
+    try:
+        action = args.action
+        engine, aengine, raw = STATE.get("engine"), STATE.get("async"), STATE.get("raw")
+        if action == "use":
+            # the inherited object first, then a connection of the child's own
+            try:
+                report["inherited_id"] = session_id(query)
+            except Exception as exc:
+                report["inherited_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            if raw is not None:
+                own = raw_connect(url)
+                report["own_id"] = raw_session(own, query)
+                own.close()
+            else:
+                report["own_id"] = session_id(query)
+        elif action == "close":
+            if raw is not None:
+                raw.close()
+            elif aengine is not None:
+                async def close_one() -> None:
+                    proxied = await aengine.raw_connection()
+                    await proxied.driver_connection.close()
+
+                asyncio.run(close_one())
+            else:
+                # what a library that grabs the DBAPI connection does
+                engine.raw_connection().dbapi_connection.close()
+        elif action == "dispose":
+            if aengine is not None:
+                asyncio.run(aengine.dispose())
+            elif engine is not None:
+                engine.dispose()
+            else:
+                raise SystemExit("dispose needs an engine")
+        elif action == "gc":
+            # SQLAlchemy's documented advice, then let the garbage collector run
+            if engine is not None:
+                engine.dispose(close=False)
+            if aengine is not None:
+                asyncio.run(aengine.dispose(close=False))
+            engine = aengine = raw = None
+            STATE.clear()
+            gc.collect()
+        elif action in ("exit", "sigterm"):
+            pass
+        else:
+            raise SystemExit(f"unknown action {action}")
+    except Exception as exc:
+        report["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    if args.action == "sigterm":
+        # like gunicorn and uWSGI workers: SIGTERM ends the worker through sys.exit
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        send()
+        time.sleep(30)
+        os._exit(3)  # not reached: the parent sends SIGTERM
+    send()
+    sys.exit(0)  # a normal interpreter exit: finalizers and destructors run
+
+
+if __name__ == "__main__":
+    main()
