@@ -17,6 +17,14 @@ from typing import Any, TypeVar
 
 from forksafe import _fork, errors
 from forksafe._fork import after_fork, internal_errors
+from forksafe._instrument import (
+    ConnectionInfo,
+    configure,
+    connections,
+    instrument,
+    is_instrumented,
+    uninstrument,
+)
 from forksafe._process_local import ProcessLocal
 from forksafe._registry import REGISTRY, ConnectionEntry
 from forksafe.drivers import find_driver, supported_names, unwrap
@@ -26,24 +34,32 @@ from forksafe.exceptions import (
     ForksafeError,
     ForkSafetyWarning,
     UnsupportedObjectError,
+    UntrackedConnectionError,
 )
 from forksafe.retry import retry_on_disconnect, retrying
 
 __all__ = [
     "ChildDeadlockedError",
     "CommitUnknownError",
+    "ConnectionInfo",
     "ForkSafetyWarning",
     "ForksafeError",
     "ProcessLocal",
     "UnsupportedObjectError",
+    "UntrackedConnectionError",
     "__version__",
     "after_fork",
+    "configure",
+    "connections",
     "errors",
+    "instrument",
     "internal_errors",
+    "is_instrumented",
     "is_tracked",
     "retry_on_disconnect",
     "retrying",
     "track",
+    "uninstrument",
     "untrack",
 ]
 

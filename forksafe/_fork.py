@@ -54,6 +54,17 @@ class _State:
 _STATE = _State()
 _RESET_LOCK = threading.Lock()
 _INTERNAL_ERRORS: deque[BaseException] = deque(maxlen=100)
+# Checks that run in a child before the reset (forksafe._instrument's untracked-connection
+# report); each gets the child's pid and must not raise (failures are reported, not raised).
+_CHILD_CHECKS: list[Callable[[int], None]] = []
+
+
+def register_child_check(check: Callable[[int], None]) -> None:
+    """Run ``check(pid)`` in every child, before tracked objects are reset."""
+    if check not in _CHILD_CHECKS:
+        _CHILD_CHECKS.append(check)
+
+
 # Integrations (forksafe.django) that hold connections outside the registry. A plain list,
 # copied before iteration: registration happens at import time, not concurrently with forks.
 _CHILD_CALLBACKS: list[Callable[[], object]] = []
@@ -132,6 +143,11 @@ def after_fork() -> bool:
 
 
 def _reset(pid: int) -> None:
+    for check in list(_CHILD_CHECKS):
+        try:
+            check(pid)
+        except Exception as exc:
+            report_internal_error(exc, "checking for untracked connections")
     inherited, engines = REGISTRY.take_inherited(pid)
     for conn, entry in inherited:
         try:

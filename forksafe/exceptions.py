@@ -54,3 +54,11 @@ class ForkSafetyWarning(UserWarning):
 
     .. versionadded:: 0.1
     """
+
+
+class UntrackedConnectionError(ForksafeError):
+    """Strict mode: a child used (or opened a connection while holding) an inherited database
+    connection that nobody tracked. The message names each one and where it was created.
+
+    .. versionadded:: 0.2
+    """

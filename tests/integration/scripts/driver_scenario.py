@@ -8,7 +8,10 @@ connection (``--kind raw``).
 The parent opens a connection and records its server session id (``CONNECTION_ID()`` or
 ``pg_backend_pid()``), forks children that each end in one way, waits, then uses its own
 connection again. How the parent protects itself: ``--mode track`` (``forksafe.track``),
-``instrument`` (``forksafe.instrument()`` before anything is opened), ``none``. Prints one
+``instrument`` (``forksafe.instrument()`` before anything is opened), ``audit``
+(``instrument(track=False)``: record, do not track, so children report), ``strict`` (audit
+plus ``configure(strict=True)``), ``scan`` (no instrumentation, ``configure(
+scan_at_fork=True)``), ``none``. Prints one
 JSON object and leaves with ``os._exit`` so that the parent itself never says goodbye.
 """
 
@@ -28,6 +31,12 @@ import forksafe
 
 # Every database object lives here only, so that a child can drop the last reference.
 STATE: dict = {}
+# Warnings shown in this process (forksafe warns in the child's at-fork hook).
+WARNINGS: list[str] = []
+
+
+def record_warning(message, category, *_args, **_kwargs) -> None:
+    WARNINGS.append(f"{category.__name__}: {message}")
 
 
 def session_query(url) -> str:
@@ -105,7 +114,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
     parser.add_argument("--kind", choices=["engine", "raw", "async"], default="engine")
-    parser.add_argument("--mode", choices=["track", "instrument", "none"], default="track")
+    parser.add_argument(
+        "--mode", choices=["track", "instrument", "audit", "strict", "scan", "none"],
+        default="track",
+    )
     parser.add_argument("--action", required=True)
     parser.add_argument("--children", type=int, default=2)
     args = parser.parse_args()
@@ -115,8 +127,15 @@ def main() -> None:
 
     url = make_url(args.url)
     query = session_query(url)
+    warnings.showwarning = record_warning
+    warnings.simplefilter("always")
     if args.mode == "instrument":
         forksafe.instrument()
+    elif args.mode in ("audit", "strict"):
+        forksafe.instrument(track=False)
+        forksafe.configure(strict=args.mode == "strict")
+    elif args.mode == "scan":
+        forksafe.configure(scan_at_fork=True)
     if args.kind == "raw":
         STATE["raw"] = raw_connect(url)
         if args.mode == "track":
@@ -173,11 +192,10 @@ def main() -> None:
 
 def child(args, url, query: str, write_fd: int) -> None:
     report: dict = {"pid": os.getpid()}
-    caught: list[warnings.WarningMessage] = []
 
     def send() -> None:
         report["internal_errors"] = [repr(e) for e in forksafe.internal_errors()]
-        report["warnings"] = [str(w.message) for w in caught]
+        report["warnings"] = list(WARNINGS)
         os.write(write_fd, (json.dumps(report) + "\n").encode())
 
     try:
@@ -189,12 +207,15 @@ def child(args, url, query: str, write_fd: int) -> None:
                 report["inherited_id"] = session_id(query)
             except Exception as exc:
                 report["inherited_error"] = f"{type(exc).__name__}: {exc}"[:300]
-            if raw is not None:
-                own = raw_connect(url)
-                report["own_id"] = raw_session(own, query)
-                own.close()
-            else:
-                report["own_id"] = session_id(query)
+            try:
+                if raw is not None:
+                    own = raw_connect(url)
+                    report["own_id"] = raw_session(own, query)
+                    own.close()
+                else:
+                    report["own_id"] = session_id(query)
+            except Exception as exc:
+                report["own_error"] = f"{type(exc).__name__}: {exc}"[:400]
         elif action == "close":
             if raw is not None:
                 raw.close()

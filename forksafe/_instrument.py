@@ -1,0 +1,594 @@
+"""``forksafe.instrument()``: track every engine and connection, and report the ones nobody did.
+
+What `instrument` patches (and `uninstrument` restores exactly, attribute by attribute):
+
+* ``sqlalchemy.engine.Engine.__init__``: every ``Engine`` constructed from then on (by
+  ``create_engine``, ``create_async_engine``, ``engine_from_config``, however imported) is
+  passed to `forksafe.track` (engines of an unsupported driver are only recorded).
+* the connection classes of the Python drivers: ``MySQLdb.connections.Connection.__init__``
+  (mysqlclient), ``pymysql.connections.Connection.__init__`` and
+  ``psycopg.BaseConnection.__init__`` (sync and async psycopg 3): every connection object
+  constructed from then on is tracked.
+* ``psycopg2.connect`` (psycopg2's connection class is written in C and cannot be patched):
+  connections made through ``psycopg2.connect`` are tracked; a ``from psycopg2 import
+  connect`` executed *before* ``instrument()`` keeps the unpatched function.
+* drivers imported after ``instrument()`` are patched when they are imported (a
+  ``sys.meta_path`` finder that only watches those module names; removed by uninstrument).
+
+Each engine and connection seen is recorded weakly with the place that created it (the first
+stack frame outside forksafe, SQLAlchemy and the drivers): about 10 µs per new connection.
+
+Detection: after a fork, in the child, forksafe looks for inherited connections nobody
+tracked: those recorded while instrumented but untracked since (``instrument(track=False)``
+records without tracking), and, only if ``configure(scan_at_fork=True)``, every driver
+connection and engine the garbage collector knows of (a full ``gc.get_objects()`` walk, which
+costs milliseconds per hundred thousand objects, so it is opt-in). Each one is neutralised like
+a tracked one (an engine gets a fresh pool), and reported once: a ``ForkSafetyWarning`` and a
+``forksafe`` log record naming the driver, where it was created and what was done.
+
+Strict mode (``configure(strict=True)`` or ``FORKSAFE_STRICT=1``): the child's first use of
+such a connection raises `UntrackedConnectionError` instead: the inherited object itself
+(``cursor()``, ``query()``, ``execute()``; not possible for psycopg2's C class), a checkout
+from an untracked engine, and any new connection or checkout while instrumented. Fork-time
+code itself never raises.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.abc
+import importlib.machinery
+import logging
+import os
+import sys
+import threading
+import time
+import types
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from forksafe import _fork
+from forksafe._registry import REGISTRY, ConnectionEntry
+from forksafe.drivers import find_driver, unwrap
+from forksafe.exceptions import ForkSafetyWarning, UntrackedConnectionError
+
+__all__ = [
+    "ConnectionInfo",
+    "configure",
+    "connections",
+    "instrument",
+    "is_instrumented",
+    "uninstrument",
+]
+
+logger = logging.getLogger("forksafe")
+
+#: modules whose frames are not "where the user created it"
+_SKIP_PREFIXES = ("forksafe", "sqlalchemy", "MySQLdb", "pymysql", "psycopg", "psycopg2",
+                  "importlib", "threading", "asyncio", "greenlet", "contextlib")
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where and by whom an engine or connection was created."""
+
+    site: str
+    pid: int
+    kind: str  # "engine" or a driver name
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """One entry of `connections`: no password, no live object.
+
+    Attributes:
+        kind: ``"engine"`` or ``"connection"``.
+        driver: the driver's name (``mysqlclient``, ``PyMySQL``, ``psycopg2``, ``psycopg``).
+        pid: the process that opened it.
+        origin: how it came to forksafe (``track()``, an engine URL with the password
+            masked, or ``file:line`` of its creation when instrumented).
+        state: ``open``, ``closed``, or ``inherited`` (opened by another process).
+        tracked: whether forksafe protects it.
+    """
+
+    kind: str
+    driver: str
+    pid: int
+    origin: str
+    state: str
+    tracked: bool
+
+
+class _Config:
+    __slots__ = ("scan_at_fork", "strict")
+
+    def __init__(self) -> None:
+        self.strict = os.environ.get("FORKSAFE_STRICT", "") not in ("", "0", "false", "no")
+        self.scan_at_fork = False
+
+
+_CONFIG = _Config()
+_LOCK = threading.RLock()
+# Weak records of what was created while instrumented: object -> Origin.
+_SEEN: weakref.WeakKeyDictionary[Any, Origin] = weakref.WeakKeyDictionary()
+# How to undo each patch, in the order they were made (undone in reverse).
+_UNDO: list[Callable[[], None]] = []
+_MISSING = object()
+
+
+class _InstrumentState:
+    __slots__ = ("active", "finder", "patched_modules", "pending_strict", "track")
+
+    def __init__(self) -> None:
+        self.active = False
+        self.track = True
+        self.finder: _PostImportFinder | None = None
+        self.patched_modules: set[str] = set()
+        self.pending_strict: list[str] = []  # descriptions of untracked inherited objects
+
+
+_STATE = _InstrumentState()
+
+
+# -- public API ---------------------------------------------------------------------------------
+def configure(*, strict: bool | None = None, scan_at_fork: bool | None = None) -> None:
+    """Set forksafe's detection options (arguments left as None are unchanged).
+
+    Args:
+        strict: make the first use of an untracked inherited connection raise
+            `UntrackedConnectionError` in the child (default: env ``FORKSAFE_STRICT``).
+        scan_at_fork: in each child, also walk every object the garbage collector knows of
+            to find driver connections and engines created before ``instrument()`` (costs
+            milliseconds per hundred thousand objects in every child).
+    """
+    with _LOCK:
+        if strict is not None:
+            _CONFIG.strict = strict
+        if scan_at_fork is not None:
+            _CONFIG.scan_at_fork = scan_at_fork
+
+
+def instrument(*, track: bool = True) -> None:
+    """Track every engine and DBAPI connection created from now on (idempotent).
+
+    Args:
+        track: False records creation sites without tracking, so that forks report every
+            connection nobody tracked (an audit: see the module docstring).
+    """
+    with _LOCK:
+        _STATE.track = track
+        if _STATE.active:
+            return
+        _STATE.active = True
+        for name in _TARGETS:
+            if name in sys.modules:
+                _patch_module(name)
+        _STATE.finder = _PostImportFinder()
+        sys.meta_path.insert(0, _STATE.finder)
+
+
+def uninstrument() -> None:
+    """Undo `instrument`: every patched attribute gets its original value back (idempotent).
+
+    What was tracked stays tracked; records of creation sites are kept for reports.
+    """
+    with _LOCK:
+        if not _STATE.active:
+            return
+        _STATE.active = False
+        if _STATE.finder is not None and _STATE.finder in sys.meta_path:
+            sys.meta_path.remove(_STATE.finder)
+        _STATE.finder = None
+        while _UNDO:
+            _UNDO.pop()()
+        _STATE.patched_modules.clear()
+
+
+def is_instrumented() -> bool:
+    """Whether `instrument` is in effect."""
+    return _STATE.active
+
+
+def connections() -> list[ConnectionInfo]:
+    """What forksafe knows of in this process: tracked engines and connections, and
+    connections recorded while instrumented that nobody tracked. No passwords."""
+    pid = os.getpid()
+    conns, engines = REGISTRY.snapshot()
+    out: list[ConnectionInfo] = []
+    seen_ids = set()
+    for conn, entry in conns:
+        seen_ids.add(id(conn))
+        site = _SEEN.get(conn)
+        origin = entry.origin if site is None else f"{entry.origin} at {site.site}"
+        out.append(ConnectionInfo("connection", entry.driver.name, entry.pid, origin,
+                                  _state(conn, entry.pid, pid), True))
+    for engine, adapter in engines:
+        site = _SEEN.get(engine)
+        origin = getattr(adapter, "_origin", "engine")
+        if site is not None:
+            origin = f"{origin} at {site.site}"
+        out.append(ConnectionInfo("engine", engine.dialect.driver, site.pid if site else pid,
+                                  origin, "open", True))
+    with _LOCK:
+        records = list(_SEEN.items())
+    for obj, origin_rec in records:
+        if id(obj) in seen_ids or origin_rec.kind == "engine":
+            continue
+        driver = find_driver(obj)
+        if driver is None:
+            continue
+        out.append(ConnectionInfo("connection", driver.name, origin_rec.pid,
+                                  f"created at {origin_rec.site}",
+                                  _state(obj, origin_rec.pid, pid), False))
+    return out
+
+
+def _state(conn: Any, owner: int, pid: int) -> str:
+    driver = find_driver(conn)
+    try:
+        fd = driver.socket_fd(conn) if driver is not None else None
+    except Exception:
+        fd = None
+    if fd is None:
+        return "closed"
+    return "inherited" if owner != pid else "open"
+
+
+# -- creation sites -----------------------------------------------------------------------------
+def _creation_site() -> str:
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not module.startswith(_SKIP_PREFIXES):
+            return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "<unknown>"
+
+
+def _record(obj: Any, kind: str) -> Origin:
+    origin = Origin(_creation_site(), os.getpid(), kind)
+    with _LOCK:
+        _SEEN[obj] = origin
+    return origin
+
+
+def _on_new_connection(conn: Any) -> None:
+    try:
+        _check_strict_pending()
+        raw = unwrap(conn)
+        driver = find_driver(raw)
+        if driver is None:
+            return
+        origin = _record(raw, driver.name)
+        if _STATE.track:
+            REGISTRY.add_connection(
+                raw,
+                ConnectionEntry(driver=driver, pid=origin.pid,
+                                origin=f"{driver.name} connection", created_at=time.monotonic()),
+            )
+    except UntrackedConnectionError:
+        raise
+    except Exception as exc:  # instrumentation must never break the user's connect
+        _fork.report_internal_error(exc, "recording a new connection")
+
+
+def _on_new_engine(engine: Any) -> None:
+    try:
+        _record(engine, "engine")
+        if _STATE.track:
+            import forksafe
+            from forksafe import sqlalchemy as sa_adapter
+
+            if engine.dialect.driver in sa_adapter.SUPPORTED_DIALECT_DRIVERS:
+                forksafe.track(engine)
+            else:
+                logger.warning(
+                    "forksafe: %s uses driver %r, which forksafe cannot protect",
+                    sa_adapter.describe(engine), engine.dialect.driver,
+                )
+    except Exception as exc:
+        _fork.report_internal_error(exc, "tracking a new engine")
+
+
+# -- patches ------------------------------------------------------------------------------------
+def _set(holder: Any, attr: str, value: Any) -> None:
+    """Set ``holder.attr`` and remember how to put back exactly what was there."""
+    original = vars(holder).get(attr, _MISSING)
+
+    def undo() -> None:
+        if original is _MISSING:
+            delattr(holder, attr)
+        else:
+            setattr(holder, attr, original)
+
+    _UNDO.append(undo)
+    setattr(holder, attr, value)
+
+
+def _wrap_init(cls: type, after: Callable[[Any], None]) -> None:
+    original = cls.__init__  # type: ignore[misc]
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N807 - it is __init__
+        original(self, *args, **kwargs)
+        after(self)
+
+    __init__.__wrapped__ = original  # type: ignore[attr-defined]
+    _set(cls, "__init__", __init__)
+
+
+def _wrap_function(module: Any, attr: str) -> None:
+    original = getattr(module, attr)
+
+    def connect(*args: Any, **kwargs: Any) -> Any:
+        conn = original(*args, **kwargs)
+        _on_new_connection(conn)
+        return conn
+
+    connect.__wrapped__ = original  # type: ignore[attr-defined]
+    connect.__doc__ = original.__doc__
+    _set(module, attr, connect)
+
+
+def _patch_sqlalchemy(module: Any) -> None:
+    _wrap_init(module.Engine, _on_new_engine)
+    _install_checkout_guard()
+
+
+def _patch_mysqldb(module: Any) -> None:
+    _wrap_init(module.Connection, _on_new_connection)
+
+
+def _patch_pymysql(module: Any) -> None:
+    _wrap_init(module.Connection, _on_new_connection)
+
+
+def _patch_psycopg2(module: Any) -> None:
+    _wrap_function(module, "connect")
+
+
+def _patch_psycopg(module: Any) -> None:
+    _wrap_init(module.BaseConnection, _on_new_connection)
+
+
+#: module name -> (module whose import triggers it, patcher)
+_TARGETS: dict[str, Callable[[Any], None]] = {
+    "sqlalchemy.engine.base": _patch_sqlalchemy,
+    "MySQLdb.connections": _patch_mysqldb,
+    "pymysql.connections": _patch_pymysql,
+    "psycopg2": _patch_psycopg2,
+    "psycopg": _patch_psycopg,
+}
+
+
+def _patch_module(name: str) -> None:
+    if name in _STATE.patched_modules:
+        return
+    module = sys.modules.get(name)
+    if module is None:
+        return
+    try:
+        _TARGETS[name](module)
+        _STATE.patched_modules.add(name)
+    except Exception as exc:
+        _fork.report_internal_error(exc, f"instrumenting {name}")
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Patches a target module right after it is imported (looks at nothing else)."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in _TARGETS:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                loader = spec.loader
+                exec_module = getattr(loader, "exec_module", None)
+                if exec_module is None:
+                    return spec
+
+                def exec_and_patch(module: types.ModuleType, _exec: Any = exec_module) -> None:
+                    _exec(module)
+                    with _LOCK:
+                        if _STATE.active:
+                            _patch_module(fullname)
+
+                # Wrap per spec: the loader object may be shared, so do not mutate it.
+                spec.loader = _LoaderProxy(loader, exec_and_patch)
+                return spec
+        return None
+
+
+class _LoaderProxy(importlib.abc.Loader):
+    def __init__(self, loader: Any, exec_module: Callable[[types.ModuleType], None]) -> None:
+        self._loader = loader
+        self._exec = exec_module
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        module: types.ModuleType | None = self._loader.create_module(spec)
+        return module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self._exec(module)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+# -- strict mode: errors at first use -----------------------------------------------------------
+def _check_strict_pending() -> None:
+    if _STATE.pending_strict and _CONFIG.strict:
+        raise UntrackedConnectionError(_strict_message(_STATE.pending_strict))
+
+
+def _strict_message(items: list[str]) -> str:
+    return (
+        f"forksafe strict mode: this process (pid {os.getpid()}) inherited "
+        f"{len(items)} database connection(s) nobody tracked: {'; '.join(items)}. "
+        "Track them (forksafe.track) or call forksafe.instrument() before they are created."
+    )
+
+
+_GUARD_INSTALLED: list[Any] = []
+
+
+def _install_checkout_guard() -> None:
+    """A class-level pool checkout listener: strict mode's error at the first checkout."""
+    from sqlalchemy import event
+    from sqlalchemy.pool import Pool
+
+    def guard(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if os.getpid() != _fork.current_pid():
+            _fork.after_fork()
+        _check_strict_pending()
+
+    if not _GUARD_INSTALLED:
+        event.listen(Pool, "checkout", guard)
+        _GUARD_INSTALLED.append(guard)
+
+        def remove() -> None:
+            if event.contains(Pool, "checkout", guard):
+                event.remove(Pool, "checkout", guard)
+            _GUARD_INSTALLED.clear()
+
+        _UNDO.append(remove)
+
+
+def _make_raiser(description: str) -> Callable[..., Any]:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise UntrackedConnectionError(_strict_message([description]))
+
+    return refuse
+
+
+# -- detection after fork -----------------------------------------------------------------------
+def _scan_gc() -> list[Any]:
+    """Every live driver connection and Engine the garbage collector knows of."""
+    from forksafe.drivers import DRIVERS, _resolve
+
+    classes: list[type] = []
+    for driver in DRIVERS:
+        if driver.module in sys.modules:
+            classes += [c for c in map(_resolve, driver.classes) if c is not None]
+    if "sqlalchemy.engine.base" in sys.modules:
+        classes.append(sys.modules["sqlalchemy.engine.base"].Engine)
+    if not classes:
+        return []
+    wanted = tuple(classes)
+    return [obj for obj in gc.get_objects() if isinstance(obj, wanted)]
+
+
+def _untracked_inherited(pid: int) -> list[tuple[Any, str]]:
+    """Inherited connections and engines that nobody tracked, with their descriptions."""
+    tracked_conns, tracked_engines = REGISTRY.snapshot()
+    tracked = {id(c) for c, _ in tracked_conns} | {id(e) for e, _ in tracked_engines}
+    with _LOCK:
+        candidates = [(obj, origin) for obj, origin in _SEEN.items() if origin.pid != pid]
+    if _CONFIG.scan_at_fork:
+        known = {id(obj) for obj, _ in candidates}
+        for obj in _scan_gc():
+            if id(obj) not in known:
+                candidates.append((obj, Origin("<created before forksafe.instrument()>", 0, "")))
+    engines, conns = [], []
+    for obj, origin in candidates:
+        if id(obj) in tracked:
+            continue
+        is_conn = find_driver(obj) is not None
+        (conns if is_conn else engines).append((obj, origin))
+    found = []
+    in_pools: set[int] = set()  # reported with their engine, not once more on their own
+    for obj, origin in engines:
+        pool_conns = _engine_inherited_connections(obj)
+        in_pools.update(id(c) for c in pool_conns)
+        if pool_conns:
+            found.append((obj, f"SQLAlchemy engine created at {origin.site}"))
+    for obj, origin in conns:
+        driver = find_driver(obj)
+        if driver is None or id(obj) in in_pools or _state(obj, -1, pid) == "closed":
+            continue
+        found.append((obj, f"{driver.name} connection created at {origin.site}"))
+    return found
+
+
+def _engine_inherited_connections(engine: Any) -> list[Any]:
+    from forksafe.sqlalchemy import _idle_records, _record_connection
+
+    out = []
+    for record in _idle_records(engine.pool):
+        conn = _record_connection(record)
+        if conn is not None and find_driver(unwrap(conn)) is not None:
+            out.append(unwrap(conn))
+    return out
+
+
+def _child_check(pid: int) -> None:
+    """Run in a child before forksafe's own reset: protect and report untracked objects."""
+    _STATE.pending_strict = []  # what an ancestor found is not this process's business
+    if not (len(_SEEN) or _CONFIG.scan_at_fork):
+        return
+    started = time.perf_counter()
+    found = _untracked_inherited(pid)
+    for obj, description in found:
+        action = _protect(obj)
+        message = (
+            f"forksafe: pid {pid} inherited a {description} that nobody tracked; {action}. "
+            "Track it with forksafe.track(), or create it after the fork."
+        )
+        logger.warning("%s", message)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", ForkSafetyWarning)
+                warnings.warn(message, ForkSafetyWarning, stacklevel=2)
+        except Exception as exc:  # warnings configured as errors: never raise at fork time
+            _fork.report_internal_error(exc, "warning about an untracked connection")
+        if _CONFIG.strict:
+            _STATE.pending_strict.append(description)
+            _poison(obj, description)
+    if found:
+        logger.debug("forksafe: untracked-connection check took %.1f ms",
+                     (time.perf_counter() - started) * 1000)
+
+
+def _protect(obj: Any) -> str:
+    driver = find_driver(obj)
+    if driver is not None:
+        entry = ConnectionEntry(driver=driver, pid=-1, origin="untracked")
+        done = _fork.neutralise(obj, entry)
+        return ("its socket was neutralised: using it fails at once, the parent's session "
+                "is untouched" if done else "it had no open socket")
+    neutralised = 0
+    for conn in _engine_inherited_connections(obj):
+        driver = find_driver(conn)
+        if driver is not None and _fork.neutralise(conn, ConnectionEntry(driver, -1, "")):
+            neutralised += 1
+    obj.dispose(close=False)
+    return (f"its {neutralised} pooled connection(s) were neutralised and it got a fresh "
+            "pool")
+
+
+def _poison(obj: Any, description: str) -> None:
+    refuse = _make_raiser(description)
+    if find_driver(obj) is None:  # an engine: refuse its next checkout
+        from sqlalchemy import event
+
+        def on_checkout(*args: Any) -> None:
+            refuse()
+
+        event.listen(obj, "checkout", on_checkout)
+        return
+    for name in ("cursor", "query", "execute"):
+        if hasattr(obj, name):
+            try:
+                setattr(obj, name, refuse)
+            except (AttributeError, TypeError):  # psycopg2: a C class without __dict__
+                break
+
+
+_fork.register_child_check(_child_check)
