@@ -1,0 +1,144 @@
+"""A Flask + SQLAlchemy shop catalogue, protected by forksafe.
+
+The engine is created, tracked and used at import: the app creates its tables and seeds
+5,000 products when the database is empty. gunicorn (``preload_app``) and uWSGI (without
+``lazy-apps``) import it once and fork the workers afterwards; forksafe gives every worker
+its own connections.
+
+* ``GET /products?page=N``: an HTML listing page, 50 products a page;
+* ``GET /products/<id>.json``: one product;
+* ``POST /orders`` (form fields ``product_id``, ``quantity``, ``token``): records an order
+  and answers it back as JSON;
+* ``GET /health``.
+
+``DATABASE_URL`` picks the database (default: the private MariaDB of
+``python -m forksafe.testing.dbserver``, ``mysql+mysqldb://root@127.0.0.1:3307/forksafe``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from catalogue import PER_PAGE, PRODUCTS, product_name, product_price
+from flask import Flask, Response, abort, jsonify, render_template_string, request
+from sqlalchemy import (
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    create_engine,
+    func,
+    insert,
+    select,
+)
+
+import forksafe
+
+DATABASE_URL = os.environ.get("DATABASE_URL", "mysql+mysqldb://root@127.0.0.1:3307/forksafe")
+
+metadata = MetaData()
+products = Table(
+    "example_products",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(100), nullable=False),
+    Column("price", Numeric(10, 2), nullable=False),
+)
+orders = Table(
+    "example_orders",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("product_id", Integer, ForeignKey("example_products.id"), nullable=False),
+    Column("quantity", Integer, nullable=False),
+    Column("token", String(64), nullable=False, unique=True),
+    Column("created", DateTime, server_default=func.now()),
+)
+
+# The one line forksafe asks for: the engine is protected in every forked worker.
+engine = forksafe.track(create_engine(DATABASE_URL, pool_size=5, pool_pre_ping=True))
+
+
+def _setup() -> None:
+    """Create the tables and seed the catalogue once (this uses the engine at import)."""
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        if conn.execute(select(func.count()).select_from(products)).scalar() == PRODUCTS:
+            return
+        conn.execute(orders.delete())
+        conn.execute(products.delete())
+        conn.execute(
+            insert(products),
+            [
+                {"id": i, "name": product_name(i), "price": product_price(i)}
+                for i in range(1, PRODUCTS + 1)
+            ],
+        )
+
+
+_setup()
+
+app = Flask(__name__)
+
+PAGE = """<!doctype html>
+<title>Products, page {{ page }}</title>
+<h1>Products, page {{ page }} of {{ pages }}</h1>
+<table>
+<tr><th>#</th><th>name</th><th>price</th></tr>
+{% for p in rows %}<tr><td>{{ p.id }}</td><td>{{ p.name }}</td><td>{{ p.price }}</td></tr>
+{% endfor %}</table>
+"""
+
+
+@app.get("/health")
+def health() -> str:
+    return "ok"
+
+
+@app.get("/products")
+def listing() -> str:
+    page = request.args.get("page", 1, type=int)
+    pages = (PRODUCTS + PER_PAGE - 1) // PER_PAGE
+    if not 1 <= page <= pages:
+        abort(404)
+    query = (
+        select(products.c.id, products.c.name, products.c.price)
+        .order_by(products.c.id)
+        .limit(PER_PAGE)
+        .offset((page - 1) * PER_PAGE)
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    return render_template_string(PAGE, page=page, pages=pages, rows=rows)
+
+
+@app.get("/products/<int:product_id>.json")
+def product(product_id: int) -> Response:
+    with engine.connect() as conn:
+        row = conn.execute(select(products).where(products.c.id == product_id)).first()
+    if row is None:
+        abort(404)
+    return jsonify(id=row.id, name=row.name, price=f"{row.price:.2f}")
+
+
+@app.post("/orders")
+def order() -> Response:
+    product_id = request.form.get("product_id", type=int)
+    quantity = request.form.get("quantity", type=int)
+    token = request.form.get("token", "")
+    if not product_id or not quantity or not token:
+        abort(400)
+    with engine.begin() as conn:
+        conn.execute(insert(orders).values(product_id=product_id, quantity=quantity, token=token))
+        row = conn.execute(
+            select(orders.c.id, orders.c.product_id, orders.c.quantity, orders.c.token).where(
+                orders.c.token == token
+            )
+        ).one()
+    return jsonify(id=row.id, product_id=row.product_id, quantity=row.quantity, token=row.token)
+
+
+application = app

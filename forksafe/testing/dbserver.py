@@ -1,0 +1,55 @@
+"""``python -m forksafe.testing.dbserver``: a private MariaDB to try the examples against.
+
+Starts ``mariadbd`` in a temporary directory on 127.0.0.1 (port 3307 by default), prints the
+``DATABASE_URL`` to use, and runs until Ctrl-C (or SIGTERM), then stops the server and
+deletes its directory. The system's own MariaDB/MySQL, if any, is never touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from types import FrameType
+
+__all__ = ["main"]
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a private MariaDB until interrupted."""
+    parser = argparse.ArgumentParser(prog="python -m forksafe.testing.dbserver")
+    parser.add_argument("--port", type=int, default=3307, help="TCP port (default 3307)")
+    args = parser.parse_args(argv)
+
+    from forksafe.testing.mariadb import MariaDB, ServerUnavailableError
+    from forksafe.testing.servers import HarnessError, check_port_free
+
+    signal.signal(signal.SIGTERM, _stop)
+    server = None
+    try:
+        check_port_free(args.port)
+        server = MariaDB(args.port, general_log=False)
+        server.start()
+        print(f"DATABASE_URL={server.url()}", flush=True)
+        print("private MariaDB running; Ctrl-C stops it", file=sys.stderr, flush=True)
+        while server.running():
+            time.sleep(0.5)
+        print("dbserver: mariadbd exited", file=sys.stderr)
+        return 1
+    except (HarnessError, ServerUnavailableError) as exc:
+        print(f"dbserver: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if server is not None:
+            server.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

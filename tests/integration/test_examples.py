@@ -1,0 +1,202 @@
+"""The examples boot under their real servers and serve concurrent requests without a fault.
+
+``examples/flask_app`` under gunicorn (its gunicorn.conf.py: preload_app, 4 workers) and
+under uWSGI (its uwsgi.ini: master, 4 processes), ``examples/pyramid_app`` under uWSGI (its
+uwsgi.ini). Each app creates and uses its engine at import, so the workers fork with an
+open connection; the configs protect them with forksafe. Concurrent requests (listing pages,
+single records, order writes) must all succeed and each must get exactly its own data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.error import HTTPError
+from urllib.parse import urlencode
+from urllib.request import urlopen
+
+import pytest
+
+from forksafe.testing.servers import find_uwsgi, free_port
+
+pytestmark = [pytest.mark.mariadb, pytest.mark.servers, pytest.mark.timeout(180)]
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+REQUESTS = 300
+CONCURRENCY = 24
+
+
+@contextlib.contextmanager
+def serve(example: str, server: str, database_url: str) -> Iterator[str]:
+    """Boot ``examples/<example>`` with its own config under ``server``; yield its base URL."""
+    from mirakuru import HTTPExecutor
+
+    directory = EXAMPLES / example
+    port = free_port()
+    if server == "gunicorn":
+        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
+    else:
+        command = [find_uwsgi(), "--ini", "uwsgi.ini"]
+        if sys.prefix != sys.base_prefix:
+            command += ["--home", sys.prefix]
+    log = (directory / f".{server}-{port}.log").open("wb")
+    executor = HTTPExecutor(
+        command,
+        url=f"http://127.0.0.1:{port}/health",
+        method="GET",
+        timeout=60,
+        cwd=str(directory),
+        envvars={"DATABASE_URL": database_url, "PORT": str(port)},
+        stop_signal=signal.SIGINT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        executor.start()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(Exception):
+            executor.stop()
+        if executor.process is not None:
+            executor.kill()
+        log.close()
+        Path(log.name).unlink(missing_ok=True)
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urlopen(url, timeout=10) as response:
+            return response.status, response.read()
+    except HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _post(url: str, fields: dict[str, Any]) -> tuple[int, bytes]:
+    try:
+        with urlopen(url, data=urlencode(fields).encode(), timeout=10) as response:
+            return response.status, response.read()
+    except HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def hammer(check: Callable[[int], str | None]) -> list[str]:
+    """Run ``check(i)`` for every request, concurrently; return the problems it reported."""
+    problems: list[str] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        try:
+            problem = check(i)
+        except Exception as exc:
+            problem = f"request {i}: {type(exc).__name__}: {exc}"
+        if problem:
+            with lock:
+                problems.append(problem)
+
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        list(pool.map(one, range(REQUESTS)))
+    return problems
+
+
+def flask_check(base: str, tokens: list[str]) -> Callable[[int], str | None]:
+    """Listing pages, single products and orders, each checked against the seeded data."""
+    spec = importlib.util.spec_from_file_location(
+        "flask_example_catalogue", EXAMPLES / "flask_app" / "catalogue.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    catalogue = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(catalogue)  # the example's deterministic names and prices
+
+    def check(i: int) -> str | None:  # noqa: PLR0911 - one return per thing checked
+        kind = i % 3
+        if kind == 0:
+            page = i % 100 + 1
+            status, body = _get(f"{base}/products?page={page}")
+            if status != 200:
+                return f"page {page}: HTTP {status}"
+            text = body.decode()
+            first = (page - 1) * 50 + 1
+            wanted = [catalogue.product_name(p) for p in (first, first + 25, first + 49)]
+            if f"page {page} of 100" not in text or not all(w in text for w in wanted):
+                return f"page {page}: wrong page"
+            return None
+        if kind == 1:
+            pid = i * 13 % 5000 + 1
+            status, body = _get(f"{base}/products/{pid}.json")
+            want = {"id": pid, "name": catalogue.product_name(pid),
+                    "price": catalogue.product_price(pid)}
+            if status != 200 or json.loads(body) != want:
+                return f"product {pid}: HTTP {status} {body[:100]!r}"
+            return None
+        token = uuid.uuid4().hex
+        pid = i % 5000 + 1
+        status, body = _post(f"{base}/orders", {"product_id": pid, "quantity": i, "token": token})
+        if status != 200:
+            return f"order {token}: HTTP {status} {body[:100]!r}"
+        answer = json.loads(body)
+        if (answer["token"], answer["product_id"], answer["quantity"]) != (token, pid, i):
+            return f"order {token}: got {answer}"
+        tokens.append(token)
+        return None
+
+    return check
+
+
+def _orders_stored(database_url: str, tokens: list[str]) -> int:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            stored = {r[0] for r in conn.execute(text("SELECT token FROM example_orders"))}
+    finally:
+        engine.dispose()
+    return len(stored & set(tokens))
+
+
+@pytest.mark.parametrize("server", ["gunicorn", "uwsgi"])
+def test_flask_example(mariadb: Any, server: str) -> None:
+    """The Flask example under gunicorn and uWSGI: every page, product and order is right,
+    and every acknowledged order is in the database."""
+    url = mariadb.url()
+    tokens: list[str] = []
+    with serve("flask_app", server, url) as base:
+        problems = hammer(flask_check(base, tokens))
+    assert problems == [], problems[:10]
+    assert len(tokens) == REQUESTS // 3
+    assert _orders_stored(url, tokens) == len(tokens)
+
+
+def test_pyramid_example_under_uwsgi(mariadb: Any) -> None:
+    """The Pyramid + MySQLdb example under uWSGI (master, 4 processes): every answer right."""
+
+    def check(i: int) -> str | None:
+        if i % 2:
+            uid = i * 7 % 2000 + 1
+            status, body = _get(f"{base}/users/{uid}")
+            want = {"id": uid, "login": f"user{uid:05d}", "email": f"user{uid:05d}@example.org"}
+            if status != 200 or json.loads(body) != want:
+                return f"user {uid}: HTTP {status} {body[:100]!r}"
+            return None
+        offset = i % 1980
+        status, body = _get(f"{base}/users?offset={offset}")
+        data = json.loads(body) if status == 200 else None
+        ids = [u["id"] for u in data["users"]] if data else None
+        if ids != list(range(offset + 1, offset + 21)):
+            return f"users?offset={offset}: HTTP {status} ids {ids}"
+        return None
+
+    with serve("pyramid_app", "uwsgi", mariadb.url()) as base:
+        problems = hammer(check)
+    assert problems == [], problems[:10]
