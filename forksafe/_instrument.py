@@ -496,7 +496,8 @@ def _untracked_inherited(pid: int) -> list[tuple[Any, str]]:
         for obj in _scan_gc():
             if id(obj) not in known:
                 candidates.append((obj, Origin("<created before forksafe.instrument()>", 0, "")))
-    engines, conns = [], []
+    engines: list[tuple[Any, Origin]] = []
+    conns: list[tuple[Any, Origin]] = []
     for obj, origin in candidates:
         if id(obj) in tracked:
             continue

@@ -1,0 +1,2 @@
+"""An app whose import fails."""
+raise ImportError("cannot import name 'settings'")

@@ -1,0 +1,3 @@
+# broken on purpose: executing this config fails
+workers = 2
+raise RuntimeError("config error")

@@ -1,0 +1,139 @@
+"""``forksafe doctor`` against real servers, the examples' configs and broken ones.
+
+Each case runs the real command in a subprocess and checks its findings, its exit status,
+that it never prints a traceback and never a password.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.timeout(120)]
+
+FILES = Path(__file__).parent / "doctor_files"
+ROOT = Path(__file__).parents[2]
+EXAMPLES = ROOT / "examples"
+
+
+def doctor(*args: str, env: dict[str, str] | None = None) -> tuple[int, list[dict[str, Any]],
+                                                                       str]:
+    """Run ``forksafe doctor --json ARGS`` from the test files' directory."""
+    done = subprocess.run(
+        [sys.executable, "-m", "forksafe", "doctor", "--json", *args],
+        capture_output=True, text=True, timeout=90, check=False, cwd=FILES,
+        env={**os.environ, **(env or {})},
+    )
+    out = done.stdout + done.stderr
+    assert "Traceback" not in out, out
+    return done.returncode, json.loads(done.stdout), out
+
+
+def by_severity(findings: list[dict[str, Any]], severity: str) -> list[str]:
+    return [f["message"] for f in findings if f["severity"] == severity]
+
+
+def test_pool_capacity_against_mariadb_max_connections(mariadb: Any) -> None:
+    """workers x (pool_size + max_overflow) above max_connections is an error (exit 1);
+    the server's wait_timeout is reported with a pool_recycle fix."""
+    url = mariadb.url("pymysql")
+    status, findings, _ = doctor("--url", url, "--workers", "100")
+    assert status == 1
+    errors = by_severity(findings, "error")
+    assert any("= 1500 connections; the server allows 1000" in e for e in errors), findings
+    assert any("wait_timeout = 28800" in f["message"] and "pool_recycle" in f["fix"]
+               for f in findings), findings
+    assert findings[0]["severity"] == "error"  # most serious first
+    status, findings, _ = doctor("--url", url, "--workers", "4")
+    assert status == 0, findings
+
+
+def test_postgres_idle_timeout_and_capacity(postgres: Any) -> None:
+    """PostgreSQL: idle_session_timeout set on the database is reported with a fix; the pool
+    must fit max_connections minus the reserved superuser slots."""
+    postgres.execute("DROP DATABASE IF EXISTS doctor_idle", database="postgres")
+    postgres.execute("CREATE DATABASE doctor_idle", database="postgres")
+    postgres.execute("ALTER DATABASE doctor_idle SET idle_session_timeout = '45s'",
+                     database="postgres")
+    url = postgres.url("psycopg2", database="doctor_idle")
+    status, findings, _ = doctor("--url", url, "--workers", "20")
+    assert status == 1
+    assert any("idle_session_timeout = 45 s" in m for m in by_severity(findings, "warning"))
+    assert any("= 300 connections; the server allows 297" in m
+               for m in by_severity(findings, "error")), findings
+
+
+def test_unreachable_server_is_one_line_without_password() -> None:
+    """An unreachable server is one error finding naming the masked URL, never the password."""
+    from forksafe.testing.mariadb import free_port
+
+    url = f"mysql+pymysql://app:TopSecret42@127.0.0.1:{free_port()}/db"
+    status, findings, out = doctor("--url", url)
+    assert status == 1
+    assert "TopSecret42" not in out
+    assert findings[0]["message"].startswith("cannot connect to mysql+pymysql://app:***@")
+
+
+def test_examples_configs_are_clean() -> None:
+    """The shipped examples (gunicorn preload with forksafe's post_fork, uWSGI with
+    import = forksafe.uwsgi) have no error finding."""
+    status, findings, _ = doctor(
+        "--gunicorn", str(EXAMPLES / "flask_app" / "gunicorn.conf.py"),
+        "--uwsgi", str(EXAMPLES / "flask_app" / "uwsgi.ini"),
+    )
+    assert status == 0, findings
+    assert any("forksafe runs in every worker" in f["message"] for f in findings)
+    assert any("preload_app with forksafe's post_fork" in f["message"] for f in findings)
+
+
+def test_broken_gunicorn_config() -> None:
+    """preload_app without forksafe's hook and timeout = 0 are reported with fixes; a config
+    that raises is one error line."""
+    status, findings, _ = doctor("--gunicorn", "gunicorn_preload_nohook.conf.py")
+    warnings = by_severity(findings, "warning")
+    assert any("preload_app = True without forksafe's post_fork" in m for m in warnings)
+    assert any("timeout = 0" in m for m in warnings)
+    assert status == 0
+    status, findings, _ = doctor("--gunicorn", "gunicorn_raises.conf.py")
+    assert status == 1
+    assert "RuntimeError: config error" in findings[0]["message"]
+
+
+def test_broken_uwsgi_configs() -> None:
+    """uWSGI forking a preloaded app without a forksafe hook is an error; no master, threads
+    without enable-threads and no harakiri are warnings; lazy-apps is safe but costs memory;
+    a file that is not an ini file and a missing file are one error line each."""
+    status, findings, _ = doctor("--uwsgi", "uwsgi_nohook.ini")
+    assert status == 1
+    assert "no forksafe hook runs in the workers" in findings[0]["message"]
+    warnings = " | ".join(by_severity(findings, "warning"))
+    for expected in ("no master", "without enable-threads", "no harakiri"):
+        assert expected in warnings, warnings
+    status, findings, _ = doctor("--uwsgi", "uwsgi_lazy.ini")
+    assert status == 0
+    assert any("lazy-apps" in f["message"] and "memory" in f["message"] for f in findings)
+    for bad in ("uwsgi_not_ini.ini", "missing.ini"):
+        status, findings, _ = doctor("--uwsgi", bad)
+        assert status == 1
+        assert len(findings) == 1, findings
+
+
+def test_app_import_finds_untracked_engine_with_connections(mariadb: Any) -> None:
+    """An app that opens an untracked engine's connection at import is an error; the same
+    app with track() is fine; an app whose import fails is one error line."""
+    env = {"DATABASE_URL": mariadb.url("pymysql")}
+    status, findings, _ = doctor("--app", "untracked_app", env=env)
+    assert status == 1
+    assert "open at import and is not tracked" in findings[0]["message"], findings
+    status, findings, _ = doctor("--app", "tracked_app", env=env)
+    assert status == 0, findings
+    assert any("is tracked" in f["message"] for f in findings)
+    status, findings, _ = doctor("--app", "failing_app")
+    assert status == 1
+    assert "ImportError: cannot import name 'settings'" in findings[0]["message"]
