@@ -61,6 +61,22 @@ orders = Table(
 # The one line forksafe asks for: the engine is protected in every forked worker.
 engine = forksafe.track(create_engine(DATABASE_URL, pool_size=5, pool_pre_ping=True))
 
+# Knobs for bench/ (unset: the app exactly as above). BENCH_POOL=queue|null|pre_ping picks
+# a QueuePool without pre-ping, a NullPool or a QueuePool with pool_pre_ping;
+# BENCH_FORKSAFE=0 leaves that engine untracked (what users do instead of forksafe).
+if os.environ.get("BENCH_POOL"):
+    from sqlalchemy.pool import NullPool
+
+    _kind = os.environ["BENCH_POOL"]
+    engine.dispose()
+    engine = create_engine(
+        DATABASE_URL,
+        **({"poolclass": NullPool} if _kind == "null" else {"pool_size": 5}),
+        pool_pre_ping=_kind == "pre_ping",
+    )
+    if os.environ.get("BENCH_FORKSAFE", "1") == "1":
+        engine = forksafe.track(engine)
+
 
 def _setup() -> None:
     """Create the tables and seed the catalogue once (this uses the engine at import)."""
