@@ -10,6 +10,8 @@ Configured by environment (names in `forksafe.testing.checks`):
   for the same app without forksafe.
 * ``FORKSAFE_REPRO_DB_TIMEOUT``: the driver's read/write timeout in seconds (MySQL drivers),
   so that a worker stuck on a shared socket fails with 2013 instead of hanging for ever.
+* ``FORKSAFE_REPRO_POOL`` (engine mode): ``queue`` (default, a ``QueuePool``), ``null``
+  (``NullPool``) or ``pre_ping`` (``pool_pre_ping=True``), for the benchmarks in bench/.
 
 Importing this module **creates and uses** the database object, like an app that checks its
 database, warms a cache or reflects tables while it loads. uWSGI without ``lazy-apps`` and
@@ -108,9 +110,13 @@ def _raw_answer(conn: Any, n: int) -> dict[str, Any]:
 class Database:
     """The app's database object: an engine or a raw connection, protected or not."""
 
-    def __init__(self, url: str, mode: str, protect: bool, timeout: int) -> None:
+    def __init__(
+        self, url: str, mode: str, protect: bool, timeout: int, pool: str = "queue"
+    ) -> None:
         if mode not in checks.MODES:
             raise ValueError(f"{checks.ENV_MODE} must be one of {checks.MODES}, not {mode!r}")
+        if pool not in checks.POOLS:
+            raise ValueError(f"{checks.ENV_POOL} must be one of {checks.POOLS}, not {pool!r}")
         self.mode = mode
         self.protect = protect
         self._lock = threading.Lock()
@@ -124,7 +130,14 @@ class Database:
             from sqlalchemy.engine import make_url
 
             connect_args = checks.driver_timeout_args(make_url(url).drivername, timeout)
-            engine = create_engine(url, pool_size=8, connect_args=connect_args)
+            if pool == "null":
+                from sqlalchemy.pool import NullPool
+
+                engine = create_engine(url, poolclass=NullPool, connect_args=connect_args)
+            else:
+                engine = create_engine(
+                    url, pool_size=8, connect_args=connect_args, pool_pre_ping=pool == "pre_ping"
+                )
             self.engine = forksafe.track(engine) if protect else engine
         elif protect:
             self.local = forksafe.ProcessLocal(lambda: connect_raw(url, timeout), per_thread=True)
@@ -162,6 +175,7 @@ def open_database() -> Database:
         mode=os.environ.get(checks.ENV_MODE, "engine"),
         protect=os.environ.get(checks.ENV_PROTECT, "1") == "1",
         timeout=int(os.environ.get(checks.ENV_DB_TIMEOUT, "3")),
+        pool=os.environ.get(checks.ENV_POOL, "queue"),
     )
     database.answer(0)  # the connection is open, and idle in the pool, before the fork
     return database

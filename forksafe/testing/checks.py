@@ -23,6 +23,7 @@ __all__ = [
     "COLUMN",
     "ENV_DB_TIMEOUT",
     "ENV_MODE",
+    "ENV_POOL",
     "ENV_PROTECT",
     "ENV_URL",
     "ERROR_CATEGORIES",
@@ -32,6 +33,7 @@ __all__ = [
     "MODES",
     "OK",
     "OTHER",
+    "POOLS",
     "ROWS_PER_REQUEST",
     "SEED_ROWS",
     "SYNC",
@@ -54,6 +56,8 @@ ENV_URL = "FORKSAFE_REPRO_URL"  # SQLAlchemy URL, driver included
 ENV_MODE = "FORKSAFE_REPRO_MODE"  # "engine" or "raw"
 ENV_PROTECT = "FORKSAFE_REPRO_PROTECT"  # "1": forksafe on, "0": the unprotected app
 ENV_DB_TIMEOUT = "FORKSAFE_REPRO_DB_TIMEOUT"  # driver read/write timeout, seconds
+ENV_POOL = "FORKSAFE_REPRO_POOL"  # engine mode: "queue" (default), "null" or "pre_ping"
+POOLS = ("queue", "null", "pre_ping")
 MODES = ("engine", "raw")
 SEED_ROWS = 1000
 ROWS_PER_REQUEST = 3
