@@ -1,0 +1,104 @@
+"""A heavier WSGI app for the memory benchmark: many imports and module-level data.
+
+What a real service loads at start-up: a web framework and an ORM with mapped models,
+template, e-mail, XML, HTTP client and serialisation libraries, and data it keeps in memory
+(a lookup table built at import). It creates a SQLAlchemy engine, tracks it with forksafe
+unless ``BENCH_FORKSAFE=0``, and uses it once at import (``DATABASE_URL``).
+
+``GET /_pid?hold=SECONDS`` answers the worker's pid (see bench/apps/flask_bench.py);
+``GET /`` answers one cached record and a ``SELECT 1`` as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio  # noqa: F401
+import csv  # noqa: F401
+import decimal
+import email.mime.multipart  # noqa: F401
+import email.mime.text  # noqa: F401
+import http.client  # noqa: F401
+import json
+import logging.config  # noqa: F401
+import os
+import sqlite3  # noqa: F401
+import time
+import urllib.request  # noqa: F401
+import uuid  # noqa: F401
+import xml.dom.minidom  # noqa: F401
+import xml.etree.ElementTree  # noqa: F401
+import zoneinfo  # noqa: F401
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import parse_qs
+
+import django.db  # noqa: F401
+import django.forms  # noqa: F401
+import django.template  # noqa: F401
+import flask  # noqa: F401
+import jinja2  # noqa: F401
+import pyramid.config  # noqa: F401
+import pyramid.view  # noqa: F401
+import sqlalchemy.ext.asyncio  # noqa: F401
+import sqlalchemy.orm
+from sqlalchemy import ForeignKey, Integer, Numeric, String, create_engine, text
+
+import forksafe
+
+__all__ = ["application"]
+
+DATABASE_URL = os.environ.get("DATABASE_URL", "mysql+mysqldb://root@127.0.0.1:3307/forksafe")
+
+
+class Base(sqlalchemy.orm.DeclarativeBase):
+    pass
+
+
+def _model(i: int) -> type:
+    """One mapped model with a handful of columns and a relationship to the previous one."""
+    attrs: dict[str, Any] = {
+        "__tablename__": f"heavy_model_{i}",
+        "id": sqlalchemy.orm.mapped_column(Integer, primary_key=True),
+        "name": sqlalchemy.orm.mapped_column(String(100)),
+        "code": sqlalchemy.orm.mapped_column(String(20), index=True),
+        "price": sqlalchemy.orm.mapped_column(Numeric(10, 2)),
+        "note": sqlalchemy.orm.mapped_column(String(255), nullable=True),
+    }
+    if i:
+        attrs["parent_id"] = sqlalchemy.orm.mapped_column(ForeignKey(f"heavy_model_{i - 1}.id"))
+    return type(f"HeavyModel{i}", (Base,), attrs)
+
+
+MODELS = [_model(i) for i in range(40)]
+sqlalchemy.orm.configure_mappers()
+
+# A lookup table kept in memory (about 40 MB of Python objects), as services cache
+# reference data at start-up.
+CATALOGUE = {
+    i: {
+        "id": i,
+        "name": f"item {i:06d}",
+        "price": decimal.Decimal(i % 10000) / 100,
+        "tags": [f"tag{i % 17}", f"tag{i % 29}"],
+    }
+    for i in range(100_000)
+}
+
+_engine = create_engine(DATABASE_URL, pool_size=5)
+engine = forksafe.track(_engine) if os.environ.get("BENCH_FORKSAFE", "1") == "1" else _engine
+with engine.connect() as _conn:  # used at import, as apps do
+    _conn.execute(text("SELECT 1"))
+
+
+def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """``/_pid`` (the worker's pid) or ``/`` (a cached record and a query)."""
+    if environ.get("PATH_INFO") == "/_pid":
+        hold = parse_qs(environ.get("QUERY_STRING", "")).get("hold", ["0"])[0]
+        time.sleep(min(max(float(hold), 0.0), 0.2))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [str(os.getpid()).encode()]
+    with engine.connect() as conn:
+        one = conn.execute(text("SELECT 1")).scalar()
+    item = CATALOGUE[os.getpid() % len(CATALOGUE)]
+    body = json.dumps({"one": one, "item": {**item, "price": str(item["price"])}}).encode()
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [body]
