@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio  # noqa: F401
 import csv  # noqa: F401
 import decimal
-import email.mime.multipart  # noqa: F401
+import email.mime.multipart
 import email.mime.text  # noqa: F401
 import http.client  # noqa: F401
 import json
@@ -24,21 +24,21 @@ import sqlite3  # noqa: F401
 import time
 import urllib.request  # noqa: F401
 import uuid  # noqa: F401
-import xml.dom.minidom  # noqa: F401
+import xml.dom.minidom
 import xml.etree.ElementTree  # noqa: F401
 import zoneinfo  # noqa: F401
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
-import django.db  # noqa: F401
-import django.forms  # noqa: F401
+import django.db
+import django.forms
 import django.template  # noqa: F401
 import flask  # noqa: F401
 import jinja2  # noqa: F401
-import pyramid.config  # noqa: F401
+import pyramid.config
 import pyramid.view  # noqa: F401
-import sqlalchemy.ext.asyncio  # noqa: F401
+import sqlalchemy.ext.asyncio
 import sqlalchemy.orm
 from sqlalchemy import ForeignKey, Integer, Numeric, String, create_engine, text
 
