@@ -1,26 +1,41 @@
-"""Checkout + ``SELECT 1`` cycles: plain pool, ``pool_pre_ping``, forksafe's liveness.
+"""Checkout + ``SELECT 1`` cycles: plain pool, ``pool_pre_ping``, ``NullPool``, forksafe.
 
-Three engines on one private MariaDB (or ``--url``); rounds are interleaved (plain, pre-ping,
-forksafe, plain, ...) so that drift on a shared machine hits all three alike. Prints the
-median µs per cycle of each and the ratios to the plain pool, from one run::
+Five engines on one private MariaDB (or ``--url``): a plain ``QueuePool``, the same with
+``pool_pre_ping=True``, a ``NullPool`` (a connect per checkout), and the plain pool tracked by
+forksafe, with its defaults (fork check plus idle liveness) and with the fork check alone
+(``idle_check=None, recycle=None``). Rounds are interleaved (plain, pre-ping, NullPool,
+forksafe, ..., plain, ...) so that drift on a shared machine hits all of them alike. Prints
+the median µs per cycle of each and the ratios to the plain pool, from one run::
 
     python bench/bench_checkout.py            # starts a private MariaDB
     python bench/bench_checkout.py --url mysql+mysqldb://root@127.0.0.1:3306/test
+    python bench/bench_checkout.py --quick    # a smoke run of a few seconds
 
-Also prints a checkout-only cycle (no query), where forksafe's share is easiest to see.
+Also prints a checkout-only cycle (no query), where forksafe's share is easiest to see, and
+the bare cost of the fork check itself (the checkout listener's pid comparison, timed in a
+loop of its own) as a share of both cycles.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
+import timeit
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 import forksafe
+from forksafe import _fork
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import database, environment_note, print_table
 
 
 def cycle_query(engine: Any, n: int) -> float:
@@ -41,11 +56,27 @@ def cycle_checkout(engine: Any, n: int) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
+def fork_check_ns(loops: int = 1_000_000) -> float:
+    """ns for the checkout listener's fork check, ``os.getpid() != _fork.current_pid()``."""
+    timer = timeit.Timer(
+        "getpid() != current_pid()",
+        globals={"getpid": os.getpid, "current_pid": _fork.current_pid},
+    )
+    empty = timeit.Timer("pass")
+    best = min(timer.timeit(loops) for _ in range(5))
+    base = min(empty.timeit(loops) for _ in range(5))
+    return max(best - base, 0.0) / loops * 1e9
+
+
 def run(url: str, rounds: int, cycles: int) -> None:
     engines = {
         "plain pool": create_engine(url),
         "pool_pre_ping": create_engine(url, pool_pre_ping=True),
+        "NullPool": create_engine(url, poolclass=NullPool),
         "forksafe": forksafe.track(create_engine(url)),
+        "forksafe fork check only": forksafe.track(
+            create_engine(url), idle_check=None, recycle=None
+        ),
     }
     kinds: dict[str, Callable[[Any, int], float]] = {
         "checkout + SELECT 1": cycle_query,
@@ -53,17 +84,32 @@ def run(url: str, rounds: int, cycles: int) -> None:
     }
     for engine in engines.values():  # warm up: connect, first-use costs
         cycle_query(engine, 200)
+    plain: dict[str, float] = {}
     for kind, fn in kinds.items():
         samples: dict[str, list[float]] = {name: [] for name in engines}
         for _ in range(rounds):
             for name, engine in engines.items():
                 samples[name].append(fn(engine, cycles))
-        base = statistics.median(samples["plain pool"])
-        print(f"\n{kind}: median of {rounds} rounds x {cycles} cycles")
-        print(f"  {'engine':<15}{'µs/cycle':>10}{'vs plain':>10}")
-        for name, values in samples.items():
-            med = statistics.median(values)
-            print(f"  {name:<15}{med:>10.1f}{med / base:>10.3f}")
+        base = plain[kind] = statistics.median(samples["plain pool"])
+        print_table(
+            f"{kind}: median of {rounds} rounds x {cycles} cycles",
+            ["engine", "µs/cycle", "vs plain"],
+            [
+                [name, f"{statistics.median(v):.1f}", f"{statistics.median(v) / base:.3f}"]
+                for name, v in samples.items()
+            ],
+        )
+    check = fork_check_ns()
+    print_table(
+        "forksafe's fork check (os.getpid() != current pid), timed alone",
+        ["cycle", "fork check ns", "cycle µs", "share %"],
+        [
+            [kind, f"{check:.0f}", f"{us:.1f}", f"{check / 1000 / us * 100:.3f}"]
+            for kind, us in plain.items()
+        ],
+    )
+    for engine in engines.values():
+        engine.dispose()
 
 
 def main() -> None:
@@ -71,14 +117,13 @@ def main() -> None:
     parser.add_argument("--url", help="an existing server (default: a private MariaDB)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--cycles", type=int, default=2000)
+    parser.add_argument("--quick", action="store_true", help="3 rounds x 200 cycles")
     args = parser.parse_args()
-    if args.url:
-        run(args.url, args.rounds, args.cycles)
-        return
-    from forksafe.testing.mariadb import MariaDB
-
-    with MariaDB(general_log=False) as server:
-        run(server.url(), args.rounds, args.cycles)
+    if args.quick:
+        args.rounds, args.cycles = 3, 200
+    print(environment_note())
+    with database(args.url) as url:
+        run(url, args.rounds, args.cycles)
 
 
 if __name__ == "__main__":
