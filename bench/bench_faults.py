@@ -1,0 +1,211 @@
+"""Behaviour under faults, as figures: a database restart and sessions killed under load.
+
+The repro harness's app (`forksafe.testing.app`: ``GET /?n=<unique number>`` runs two
+queries and answers what it read; every answer is checked against what that number must
+get, so another request's rows count as a wrong answer) under uWSGI with 4 workers, in the
+configurations of bench_throughput.py, plus the unprotected preloaded app as a control:
+
+* **preload + forksafe**, **lazy-apps** (no forksafe), **NullPool** (preloaded, no
+  forksafe), **pre_ping** (preloaded, no forksafe), **preload, unprotected** (the bug).
+
+Each configuration runs the same timeline on a private MariaDB: steady load from client
+threads; from the first second one application session is killed (``KILL CONNECTION``)
+every ``--kill-every`` seconds; once, the database is restarted (down ``--down-for``
+seconds). The table counts requests, wrong answers (other requests' data), failed requests
+while the database was up (errors, hung or dropped requests that did not overlap the
+restart: what kills and stale connections cost), per 1000 requests sent while up, those
+that overlapped the restart (they fail fast, so their number says little), and the time
+from the database being back until the first request sent after that succeeded::
+
+    python bench/bench_faults.py                   # 20 s per configuration
+    python bench/bench_faults.py --quick           # 5 s, two configurations
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import itertools
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import ROOT, ServerSpec, environment_note, print_table, serve, wait_for_workers
+
+from forksafe.testing import checks
+from forksafe.testing.load import classify_http
+from forksafe.testing.servers import ServerSettings
+
+APP = "forksafe.testing.app:application"
+
+#: name -> (preload, forksafe, pool)
+CONFIGS = {
+    "preload + forksafe": (True, True, "queue"),
+    "lazy-apps": (False, False, "queue"),
+    "NullPool": (True, False, "null"),
+    "pre_ping": (True, False, "pre_ping"),
+    "preload, unprotected": (True, False, "queue"),
+}
+QUICK = ("preload + forksafe", "pre_ping")
+
+#: one request: (sent, answered, category), times from time.monotonic()
+Request = tuple[float, float, str]
+
+
+def one_request(port: int, n: int, timeout: float) -> str:
+    """Send ``GET /?n=<n>`` and judge the answer with the harness's own checks."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", f"/?n={n}", headers={"Connection": "close"})
+        response = conn.getresponse()
+        return classify_http(n, response.status, response.read())[0]
+    except (OSError, http.client.HTTPException):
+        return checks.HUNG
+    finally:
+        conn.close()
+
+
+def load(port: int, stop: threading.Event, clients: int, out: list[Request]) -> None:
+    """``clients`` threads sending checked requests until ``stop`` is set."""
+    numbers = itertools.count(1000)
+    lock = threading.Lock()
+
+    def client() -> None:
+        while not stop.is_set():
+            with lock:
+                n = next(numbers)
+            sent = time.monotonic()
+            category = one_request(port, n, timeout=5.0)
+            with lock:
+                out.append((sent, time.monotonic(), category))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def kill_sessions(server: object, stop: threading.Event, every: float, killed: list[int]) -> None:
+    """Kill one random application session every ``every`` seconds (server errors skipped)."""
+    rng = random.Random(6)
+    while not stop.wait(every):
+        try:
+            rows = server.execute(  # type: ignore[attr-defined]
+                "SELECT id FROM information_schema.processlist WHERE id <> CONNECTION_ID() "
+                "AND user = 'root' AND command <> 'Daemon'"
+            )
+            if rows:
+                victim = int(rng.choice(rows)[0])
+                server.execute(f"KILL CONNECTION {victim}")  # type: ignore[attr-defined]
+                killed.append(victim)
+        except Exception:  # down for the restart, or the session ended meanwhile
+            continue
+
+
+def run_config(name: str, server: object, args: argparse.Namespace) -> dict[str, float]:
+    """One configuration's timeline; returns its figures."""
+    preload, protect, pool = CONFIGS[name]
+    settings = ServerSettings(url=server.url(), mode="engine", protect=protect)  # type: ignore[attr-defined]
+    spec = ServerSpec(
+        server="uwsgi",
+        app=APP,
+        workers=args.workers,
+        preload=preload,
+        hook=protect,
+        env={**settings.environment(), checks.ENV_POOL: pool},
+        chdir=ROOT,
+    )
+    requests: list[Request] = []
+    killed: list[int] = []
+    with serve(spec) as running:
+        try:
+            wait_for_workers(running, args.workers, timeout=30, path="/?n=1")
+        except TimeoutError as exc:
+            print(f"{name}: {exc}; going on", file=sys.stderr)
+        port = int(running.base.rsplit(":", 1)[1])
+        stop_load, stop_kills = threading.Event(), threading.Event()
+        loader = threading.Thread(target=load, args=(port, stop_load, args.clients, requests))
+        killer = threading.Thread(
+            target=kill_sessions, args=(server, stop_kills, args.kill_every, killed)
+        )
+        start = time.monotonic()
+        loader.start()
+        time.sleep(1.0)
+        killer.start()
+        time.sleep(max(0.0, start + args.restart_at - time.monotonic()))
+        down = time.monotonic()
+        server.restart(down_for=args.down_for)  # type: ignore[attr-defined]
+        back = time.monotonic()
+        time.sleep(max(0.0, start + args.seconds - time.monotonic()))
+        stop_kills.set()
+        killer.join()
+        stop_load.set()
+        loader.join()
+
+    failed = [r for r in requests if r[2] not in (checks.OK, checks.WRONG)]
+    after = sorted(r for r in requests if r[0] >= back)
+    first_ok = next((r for r in after if r[2] == checks.OK), None)
+    return {
+        "requests": len(requests),
+        "wrong": sum(r[2] == checks.WRONG for r in requests),
+        "failed": len(failed),
+        "failed_up": sum(1 for r in failed if r[1] < down or r[0] > back),
+        "recovery": (first_ok[1] - back) if first_ok else float("nan"),
+        "killed": len(killed),
+        "down": back - down,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="5 s, two configurations")
+    parser.add_argument("--seconds", type=float, default=20.0, help="per configuration")
+    parser.add_argument("--restart-at", type=float, default=8.0, help="seconds into the run")
+    parser.add_argument("--down-for", type=float, default=1.0)
+    parser.add_argument("--kill-every", type=float, default=0.5)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names")
+    args = parser.parse_args()
+    names = list(QUICK) if args.quick else args.configs.split(",")
+    if args.quick:
+        args.seconds, args.restart_at = 5.0, 2.5
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        print(f"bench_faults: unknown config {unknown[0]!r}: pick from {', '.join(CONFIGS)}",
+              file=sys.stderr)
+        return 2
+
+    from forksafe.testing.mariadb import MariaDB
+    from forksafe.testing.repro import _seed
+
+    print(environment_note() + f", uWSGI {args.workers} workers, {args.clients} clients, "
+          f"{args.seconds:g} s each: a KILL every {args.kill_every:g} s from 1 s, a restart "
+          f"at {args.restart_at:g} s (down {args.down_for:g} s + start-up)")
+    results = {}
+    with MariaDB(general_log=False) as server:
+        _seed(SimpleNamespace(url=server.url(), safe_url=server.url(), description=""))
+        for name in names:
+            results[name] = run_config(name, server, args)
+    print_table(
+        "under faults: wrong answers, failed requests, recovery after the restart",
+        ["config", "requests", "wrong", "failed while up", "per 1000 while up",
+         "failed in restart", "kills", "first ok after back s"],
+        [
+            [name, r["requests"], r["wrong"], r["failed_up"],
+             f"{r['failed_up'] / max(r['requests'] - r['failed'] + r['failed_up'], 1) * 1000:.2f}",
+             r["failed"] - r["failed_up"], r["killed"], f"{r['recovery']:.3f}"]
+            for name, r in results.items()
+        ],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
