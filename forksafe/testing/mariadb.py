@@ -15,11 +15,10 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from mirakuru import TCPExecutor
+from forksafe.testing._server import Client, PrivateServer
 
 __all__ = ["MariaDB", "ServerUnavailableError", "find_binary", "free_port"]
 
@@ -58,7 +57,7 @@ def find_binary(*names: str, extra_dirs: tuple[str, ...] = ("/usr/sbin", "/usr/b
     )
 
 
-class MariaDB(TCPExecutor):
+class MariaDB(PrivateServer):
     """A private ``mariadbd``: ``MariaDB().start()``, ``.url()``, ``.restart()``, ``.stop()``.
 
     Args:
@@ -148,37 +147,6 @@ class MariaDB(TCPExecutor):
                 f"mariadb-install-db failed ({done.returncode}): {done.stderr.strip()[-800:]}"
             )
 
-    def _wait_for_login(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.execute("SELECT 1")
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def restart(self, down_for: float = 0.0) -> None:
-        """Stop the server (gracefully), optionally stay down a while, start it again."""
-        self.stop()
-        if down_for:
-            time.sleep(down_for)
-        self.start()
-
-    def cleanup(self) -> None:
-        """Stop the server and delete its directory (if it made it)."""
-        if self.running():
-            self.stop()
-        if self.owns_basedir:
-            shutil.rmtree(self.basedir, ignore_errors=True)
-
-    def __enter__(self) -> MariaDB:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.cleanup()
-
     # -- clients -----------------------------------------------------------------------------
     def url(self, driver: str = "mysqldb", database: str = DATABASE) -> str:
         """A SQLAlchemy URL for this server (``mysql+<driver>://root@127.0.0.1:PORT/DB``)."""
@@ -200,18 +168,6 @@ class MariaDB(TCPExecutor):
 
             conn = pymysql.connect(**kwargs, database=database or None, autocommit=True)
         return conn
-
-    def execute(self, sql: str, database: str = "") -> list[tuple[Any, ...]]:
-        """Run one statement on a fresh connection and return its rows."""
-        conn = self.connect(database)
-        try:
-            cur = conn.cursor()
-            cur.execute(sql)
-            rows = list(cur.fetchall()) if cur.description else []
-            cur.close()
-            return rows
-        finally:
-            conn.close()
 
     # -- evidence from the server side -------------------------------------------------------
     def general_log(self) -> str:
@@ -240,7 +196,7 @@ class MariaDB(TCPExecutor):
         return "\n".join(text.splitlines()[-lines:])
 
 
-class ExistingServer:
+class ExistingServer(Client):
     """A server given by URL (``mysql://user:pw@host:port/db``), not started by us.
 
     Offers the client half of `MariaDB` (``url``, ``connect_kwargs``, ``connect``,
@@ -257,6 +213,7 @@ class ExistingServer:
             )
         self.port = self._url.port or 3306
         self.database = self._url.database or DATABASE
+        self.default_database = self.database
 
     def url(self, driver: str = "mysqldb", database: str | None = None) -> str:
         """The URL with ``driver`` and ``database`` substituted (password kept, never logged)."""
@@ -290,18 +247,6 @@ class ExistingServer:
             import pymysql
 
             return pymysql.connect(**kwargs, autocommit=True)
-
-    def execute(self, sql: str, database: str = "") -> list[tuple[Any, ...]]:
-        """Run one statement on a fresh connection and return its rows."""
-        conn = self.connect(database)
-        try:
-            cur = conn.cursor()
-            cur.execute(sql)
-            rows = list(cur.fetchall()) if cur.description else []
-            cur.close()
-            return rows
-        finally:
-            conn.close()
 
     def cleanup(self) -> None:
         """Nothing to stop: we did not start this server."""

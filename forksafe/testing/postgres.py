@@ -23,12 +23,10 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import IO, Any
 
-from mirakuru import TCPExecutor
-
+from forksafe.testing._server import PrivateServer
 from forksafe.testing.mariadb import ServerUnavailableError, free_port
 
 __all__ = ["DATABASE", "PostgreSQL", "find_pg_binary"]
@@ -74,7 +72,10 @@ def _as_user_prefix() -> list[str]:
     return [runuser, "-u", SYSTEM_USER, "--"]
 
 
-class PostgreSQL(TCPExecutor):
+class PostgreSQL(PrivateServer):
+    default_database = DATABASE
+    login_database = "postgres"
+
     """A private ``postgres``: ``PostgreSQL().start()``, ``.url()``, ``.restart()``, ``.stop()``.
 
     Args:
@@ -175,17 +176,6 @@ class PostgreSQL(TCPExecutor):
                 f"initdb failed ({done.returncode}): {done.stderr.strip()[-800:]}"
             )
 
-    def _wait_for_login(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.execute("SELECT 1", database="postgres")
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
     def stop(self, stop_signal: int | None = None, expected_returncode: int | None = None) -> Any:
         """Stop the server (fast shutdown) and close its log file."""
         try:
@@ -194,26 +184,6 @@ class PostgreSQL(TCPExecutor):
             if self._log_file is not None:
                 self._log_file.close()
                 self._log_file = None
-
-    def restart(self, down_for: float = 0.0) -> None:
-        """Stop the server, optionally stay down a while, start it again."""
-        self.stop()
-        if down_for:
-            time.sleep(down_for)
-        self.start()
-
-    def cleanup(self) -> None:
-        """Stop the server and delete its directory (if it made it)."""
-        if self.running():
-            self.stop()
-        if self.owns_basedir:
-            shutil.rmtree(self.basedir, ignore_errors=True)
-
-    def __enter__(self) -> PostgreSQL:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.cleanup()
 
     # -- clients -----------------------------------------------------------------------------
     def url(self, driver: str = "psycopg2", database: str = DATABASE) -> str:
@@ -237,18 +207,6 @@ class PostgreSQL(TCPExecutor):
             conn = psycopg2.connect(**kwargs)
             conn.autocommit = True
             return conn
-
-    def execute(self, sql: str, database: str = DATABASE) -> list[tuple[Any, ...]]:
-        """Run one statement on a fresh connection and return its rows."""
-        conn = self.connect(database)
-        try:
-            cur = conn.cursor()
-            cur.execute(sql)
-            rows = list(cur.fetchall()) if cur.description else []
-            cur.close()
-            return rows
-        finally:
-            conn.close()
 
     # -- evidence from the server side -------------------------------------------------------
     def server_log(self) -> str:
