@@ -3,8 +3,9 @@
 Five engines on one private MariaDB (or ``--url``): a plain ``QueuePool``, the same with
 ``pool_pre_ping=True``, a ``NullPool`` (a connect per checkout), and the plain pool tracked by
 forksafe, with its defaults (fork check plus idle liveness) and with the fork check alone
-(``idle_check=None, recycle=None``). Rounds are interleaved (plain, pre-ping, NullPool,
-forksafe, ..., plain, ...) so that drift on a shared machine hits all of them alike. Prints
+(``idle_check=None, recycle=None``). Rounds are interleaved (each engine once per round, in
+a shuffled order, on a fresh connection) so that drift on a shared machine, and the luck of
+one connection's server thread, hit all of them alike. Prints
 the median µs per cycle of each and the ratios to the plain pool, from one run::
 
     python bench/bench_checkout.py            # starts a private MariaDB
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -82,13 +84,19 @@ def run(url: str, rounds: int, cycles: int) -> None:
         "checkout + SELECT 1": cycle_query,
         "checkout only": cycle_checkout,
     }
-    for engine in engines.values():  # warm up: connect, first-use costs
-        cycle_query(engine, 200)
     plain: dict[str, float] = {}
+    rng = random.Random(6)
     for kind, fn in kinds.items():
         samples: dict[str, list[float]] = {name: [] for name in engines}
         for _ in range(rounds):
-            for name, engine in engines.items():
+            # A fresh connection for every engine in every round, in a shuffled order: the
+            # speed of one loopback connection depends on where the scheduler puts its
+            # server thread, and would otherwise favour one engine for the whole run.
+            order = list(engines.items())
+            rng.shuffle(order)
+            for name, engine in order:
+                engine.dispose()
+                cycle_query(engine, 50)  # connect, first-use costs
                 samples[name].append(fn(engine, cycles))
         base = plain[kind] = statistics.median(samples["plain pool"])
         print_table(
