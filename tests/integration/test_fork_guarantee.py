@@ -4,7 +4,8 @@ A parent holds a connection (idle in a tracked engine's pool, checked out at the
 fork, or a raw tracked connection). Its children end in every way a worker can end. The
 parent's session must survive: same CONNECTION_ID(), answers, and the server never logged a
 ``Quit`` for it. Every case also runs *without* forksafe and must show the damage there,
-or the protected half would prove nothing.
+or the protected half would prove nothing. The scenarios run in a fresh interpreter
+(``scripts/driver_scenario.py``, shared with the driver matrix), three children a round.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ import pytest
 
 pytestmark = [pytest.mark.mariadb]
 
-SCRIPT = Path(__file__).parent / "scripts" / "fork_scenario.py"
+SCRIPT = Path(__file__).parent / "scripts" / "driver_scenario.py"
 ACTIONS = ["exit", "gc", "close", "dispose", "use", "sigterm"]
+# This file's kinds, as driver_scenario.py names them.
+SCRIPT_KIND = {"idle": "engine", "checkedout": "checkedout", "raw": "raw"}
 
 
 def run_scenario(server: Any, *, kind: str, action: str, protect: bool, **extra: Any) -> dict:
-    """Run the fork scenario script and return its JSON report."""
-    cmd = [sys.executable, str(SCRIPT), "--url", server.url(), "--kind", kind,
-           "--action", action, "--protect", str(int(protect))]
+    """Run the fork scenario script (mysqlclient, three children) and return its JSON report."""
+    cmd = [sys.executable, str(SCRIPT), "--url", server.url(), "--kind", SCRIPT_KIND[kind],
+           "--action", action, "--mode", "track" if protect else "none", "--children", "3"]
     for key, value in extra.items():
         cmd += [f"--{key}", str(value)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
@@ -66,20 +69,20 @@ def test_child_queries_on_its_own_connection(mariadb: Any, kind: str) -> None:
     Unprotected, a child with an idle pooled connection reuses the parent's session.
     """
     safe = run_scenario(mariadb, kind=kind, action="use", protect=True)
-    child_ids = [c.get("child_id") for c in safe["children"]]
+    child_ids = [c.get("inherited_id") for c in safe["children"]]
     assert all(isinstance(i, int) for i in child_ids), safe["children"]
     assert safe["parent_id"] not in child_ids
     assert len(set(child_ids)) == len(child_ids), "two children shared a session"
     if kind == "idle":
         bare = run_scenario(mariadb, kind=kind, action="use", protect=False)
-        bare_ids = [c.get("child_id") for c in bare["children"]]
+        bare_ids = [c.get("inherited_id") for c in bare["children"]]
         assert bare["parent_id"] in bare_ids, bare["children"]
 
 
 def test_inherited_raw_connection_fails_fast_in_child(mariadb: Any) -> None:
     """A tracked raw connection used in the child fails at once with 2006, sending nothing."""
     safe = run_scenario(mariadb, kind="raw", action="use", protect=True)
-    errors = [c.get("error", "") for c in safe["children"]]
+    errors = [c.get("inherited_error", "") for c in safe["children"]]
     assert all("2006" in e for e in errors), errors
     assert safe["after_id"] == safe["parent_id"]
 

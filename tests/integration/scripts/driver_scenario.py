@@ -1,18 +1,21 @@
 """One fork scenario for one driver, in a fresh interpreter (forks never happen in pytest).
 
-The generalisation of ``fork_scenario.py`` to every supported driver and both servers:
-mysqlclient and PyMySQL (MariaDB), psycopg2 and psycopg 3 (PostgreSQL), through a SQLAlchemy
-engine (``--kind engine``), an ``AsyncEngine`` (``--kind async``, psycopg 3) or a raw DBAPI
-connection (``--kind raw``).
+Every supported driver on both servers: mysqlclient and PyMySQL (MariaDB), psycopg2 and
+psycopg 3 (PostgreSQL), through a SQLAlchemy engine whose connection sits idle in its pool
+at the moment of fork (``--kind engine``), an engine with a ``Connection`` checked out
+across the fork (``--kind checkedout``; the child's ``close`` returns it to the pool), an
+``AsyncEngine`` (``--kind async``, psycopg 3) or a raw DBAPI connection (``--kind raw``).
 
 The parent opens a connection and records its server session id (``CONNECTION_ID()`` or
 ``pg_backend_pid()``), forks children that each end in one way, waits, then uses its own
-connection again. How the parent protects itself: ``--mode track`` (``forksafe.track``),
-``instrument`` (``forksafe.instrument()`` before anything is opened), ``audit``
-(``instrument(track=False)``: record, do not track, so children report), ``strict`` (audit
-plus ``configure(strict=True)``), ``scan`` (no instrumentation, ``configure(
-scan_at_fork=True)``), ``none``. Prints one
-JSON object and leaves with ``os._exit`` so that the parent itself never says goodbye.
+connection again. ``--forks N`` repeats the forking N rounds (a descriptor leak check): the
+report has the parent's descriptor count after each round, and each child's report its own.
+
+How the parent protects itself: ``--mode track`` (``forksafe.track``), ``instrument``
+(``forksafe.instrument()`` before anything is opened), ``audit`` (``instrument(track=False)``:
+record, do not track, so children report), ``strict`` (audit plus ``configure(strict=True)``),
+``scan`` (no instrumentation, ``configure(scan_at_fork=True)``), ``none``. Prints one JSON
+object and leaves with ``os._exit`` so that the parent itself never says goodbye.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ async def async_session(engine, query: str) -> int:
 
 
 def session_id(query: str) -> int:
+    """A query through the inherited object (for ``checkedout``, the engine's pool)."""
     if "raw" in STATE:
         return raw_session(STATE["raw"], query)
     if "async" in STATE:
@@ -110,16 +114,32 @@ def session_id(query: str) -> int:
     return engine_session(STATE["engine"], query)
 
 
+def parent_session(query: str) -> int:
+    """The parent's own session: the held ``Connection`` if there is one."""
+    if "held" in STATE:
+        from sqlalchemy import text
+
+        return int(STATE["held"].execute(text(query)).scalar())
+    return session_id(query)
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
-    parser.add_argument("--kind", choices=["engine", "raw", "async"], default="engine")
+    parser.add_argument(
+        "--kind", choices=["engine", "checkedout", "raw", "async"], default="engine"
+    )
     parser.add_argument(
         "--mode", choices=["track", "instrument", "audit", "strict", "scan", "none"],
         default="track",
     )
     parser.add_argument("--action", required=True)
     parser.add_argument("--children", type=int, default=2)
+    parser.add_argument("--forks", type=int, default=1, help="fork rounds (fd leak check)")
     args = parser.parse_args()
 
     from sqlalchemy import create_engine
@@ -150,21 +170,28 @@ def main() -> None:
         STATE["engine"] = create_engine(args.url, pool_size=2)
         if args.mode == "track":
             forksafe.track(STATE["engine"])
-    parent_id = session_id(query)
+        if args.kind == "checkedout":
+            session_id(query)  # the pool opens its connection, then it is checked out
+            STATE["held"] = STATE["engine"].connect()
+    parent_id = parent_session(query)
 
     read_fd, write_fd = os.pipe()
-    pids = []
-    for _ in range(args.children):
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_fd)
-            child(args, url, query, write_fd)  # never returns
-        pids.append(pid)
-    if args.action == "sigterm":
-        time.sleep(0.5)
-        for pid in pids:
-            os.kill(pid, signal.SIGTERM)
-    exit_codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+    exit_codes: list[int] = []
+    fd_counts: list[int] = []
+    for _round in range(args.forks):
+        pids = []
+        for _ in range(args.children):
+            pid = os.fork()
+            if pid == 0:
+                os.close(read_fd)
+                child(args, url, query, write_fd)  # never returns
+            pids.append(pid)
+        if args.action == "sigterm":
+            time.sleep(0.5)
+            for pid in pids:
+                os.kill(pid, signal.SIGTERM)
+        exit_codes += [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+        fd_counts.append(fd_count())
     os.close(write_fd)
     with os.fdopen(read_fd) as pipe:
         child_reports = [json.loads(line) for line in pipe.read().splitlines() if line]
@@ -174,7 +201,7 @@ def main() -> None:
 
     after_id, error = None, None
     try:
-        after_id = session_id(query)
+        after_id = parent_session(query)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"[:300]
     print(json.dumps({
@@ -184,6 +211,7 @@ def main() -> None:
         "parent_error": error,
         "children": child_reports,
         "exit_codes": exit_codes,
+        "parent_fd_counts": fd_counts,
         "internal_errors": [repr(e) for e in forksafe.internal_errors()],
     }))
     sys.stdout.flush()
@@ -196,11 +224,13 @@ def child(args, url, query: str, write_fd: int) -> None:
     def send() -> None:
         report["internal_errors"] = [repr(e) for e in forksafe.internal_errors()]
         report["warnings"] = list(WARNINGS)
+        report["fd_count"] = fd_count()
         os.write(write_fd, (json.dumps(report) + "\n").encode())
 
     try:
         action = args.action
         engine, aengine, raw = STATE.get("engine"), STATE.get("async"), STATE.get("raw")
+        held = STATE.get("held")
         if action == "use":
             # the inherited object first, then a connection of the child's own
             try:
@@ -219,6 +249,8 @@ def child(args, url, query: str, write_fd: int) -> None:
         elif action == "close":
             if raw is not None:
                 raw.close()
+            elif held is not None:
+                held.close()  # back to the pool: a rollback on the inherited socket
             elif aengine is not None:
                 async def close_one() -> None:
                     proxied = await aengine.raw_connection()
@@ -241,7 +273,7 @@ def child(args, url, query: str, write_fd: int) -> None:
                 engine.dispose(close=False)
             if aengine is not None:
                 asyncio.run(aengine.dispose(close=False))
-            engine = aengine = raw = None
+            engine = aengine = raw = held = None
             STATE.clear()
             gc.collect()
         elif action in ("exit", "sigterm"):
