@@ -44,6 +44,7 @@ import weakref
 from typing import Any
 
 from forksafe import _fork, errors
+from forksafe._idle_limit import server_idle_limit
 from forksafe._registry import REGISTRY, ConnectionEntry
 from forksafe.drivers import find_driver, supported_names, unwrap
 from forksafe.exceptions import UnsupportedObjectError
@@ -112,32 +113,6 @@ def _idle_records(pool: Any) -> list[Any]:
 
 def _record_connection(record: Any) -> Any:
     return getattr(record, "dbapi_connection", None) or getattr(record, "connection", None)
-
-
-def server_idle_limit(dialect_name: str, dbapi_connection: Any) -> float | None:
-    """The server's idle limit for this session in seconds, or None if it has none.
-
-    MySQL/MariaDB: ``@@session.wait_timeout``. PostgreSQL: ``idle_session_timeout`` (14+;
-    0 means off). One round trip (plus a rollback of the implicit transaction).
-    """
-    if dialect_name in ("mysql", "mariadb"):
-        sql, scale = "SELECT @@session.wait_timeout", 1.0
-    elif dialect_name == "postgresql":
-        sql = "SELECT setting FROM pg_settings WHERE name = 'idle_session_timeout'"
-        scale = 0.001  # pg_settings reports it in milliseconds
-    else:
-        return None
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute(sql)
-        row = cursor.fetchone()
-    finally:
-        cursor.close()
-    dbapi_connection.rollback()
-    if not row or row[0] is None:
-        return None
-    seconds = float(row[0]) * scale
-    return seconds if seconds > 0 else None
 
 
 class EngineAdapter:

@@ -39,6 +39,7 @@ except ImportError as _err:  # pragma: no cover - exercised by users without Dja
 
 from forksafe import _fork, _sockets
 from forksafe import retry as _retry
+from forksafe._idle_limit import server_idle_limit
 from forksafe.drivers import find_driver, unwrap
 
 __all__ = [
@@ -135,26 +136,16 @@ def reset_connections_in_child() -> None:
 # -- idle limit --------------------------------------------------------------------------
 def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
     """Ask the server its idle limit once per new connection (no cost per unit of work)."""
-    if connection.vendor == "mysql":
-        sql, scale = "SELECT @@session.wait_timeout", 1.0
-    elif connection.vendor == "postgresql":
-        sql, scale = "SELECT setting FROM pg_settings WHERE name = 'idle_session_timeout'", 0.001
-    else:
-        return
     raw = connection.connection
     try:
-        cursor = raw.cursor()
-        try:
-            cursor.execute(sql)
-            row = cursor.fetchone()
-        finally:
-            cursor.close()
+        # no rollback: Django set the connection's autocommit mode before this signal
+        limit = server_idle_limit(connection.vendor, raw, rollback=False)
     except Exception as exc:  # never fail a connect over an optimisation
         logger.debug("forksafe: could not read the idle limit of %r: %r", connection.alias, exc)
         return
-    if row and row[0] is not None and float(row[0]) > 0:
+    if limit is not None:
         with _STATE_LOCK:
-            _LIMITS[connection] = (id(raw), float(row[0]) * scale)
+            _LIMITS[connection] = (id(raw), limit)
 
 
 def install() -> None:
