@@ -27,11 +27,14 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import Final, Literal
 
 from forksafe import _sockets
 from forksafe._registry import LOCK_TIMEOUT, REGISTRY, ConnectionEntry
 
 __all__ = [
+    "AFTER_RESET",
+    "BEFORE_RESET",
     "after_fork",
     "current_pid",
     "internal_errors",
@@ -54,42 +57,50 @@ class _State:
 _STATE = _State()
 _RESET_LOCK = threading.Lock()
 _INTERNAL_ERRORS: deque[BaseException] = deque(maxlen=100)
-# Checks that run in a child before the reset (forksafe._instrument's untracked-connection
-# report); each gets the child's pid and must not raise (failures are reported, not raised).
-_CHILD_CHECKS: list[Callable[[int], None]] = []
+
+#: Child callbacks that run before forksafe resets the tracked objects (forksafe._instrument's
+#: report of untracked connections, which must see them as inherited).
+BEFORE_RESET: Final = "before_reset"
+#: Child callbacks that run after the reset (integrations that hold connections outside the
+#: registry, such as forksafe.django).
+AFTER_RESET: Final = "after_reset"
+Phase = Literal["before_reset", "after_reset"]
+
+# Plain lists, copied before iteration: registration happens at import time, not
+# concurrently with forks.
+_CHILD_CALLBACKS: dict[Phase, list[Callable[[], object]]] = {BEFORE_RESET: [], AFTER_RESET: []}
 
 
-def register_child_check(check: Callable[[int], None]) -> None:
-    """Run ``check(pid)`` in every child, before tracked objects are reset."""
-    if check not in _CHILD_CHECKS:
-        _CHILD_CHECKS.append(check)
+def register_child_callback(fn: Callable[[], object], *, phase: Phase = AFTER_RESET) -> None:
+    """Run ``fn()`` in every child, before or after forksafe's reset of the tracked objects.
 
-
-# Integrations (forksafe.django) that hold connections outside the registry. A plain list,
-# copied before iteration: registration happens at import time, not concurrently with forks.
-_CHILD_CALLBACKS: list[Callable[[], object]] = []
-
-
-def register_child_callback(fn: Callable[[], object]) -> None:
-    """Run ``fn()`` in every child, after forksafe's reset of the tracked objects.
-
-    For integrations that keep connections where the registry cannot see them (Django's
-    per-alias connections). Callbacks run in registration order, once per reset of a
-    process; registering the same function twice is a no-op. A callback that raises is
-    reported through `report_internal_error` and the others still run: nothing reaches
-    the host server.
+    For code that keeps connections where the registry cannot see them (Django's per-alias
+    connections: `AFTER_RESET`) or that must look at the inherited ones first (`BEFORE_RESET`).
+    Callbacks of a phase run in registration order, once per reset of a process;
+    registering the same function twice is a no-op. A callback that raises is reported
+    through `report_internal_error` and the others still run: nothing reaches the host
+    server.
     """
-    if fn not in _CHILD_CALLBACKS:
-        _CHILD_CALLBACKS.append(fn)
+    callbacks = _CHILD_CALLBACKS[phase]
+    if fn not in callbacks:
+        callbacks.append(fn)
 
 
-def unregister_child_callback(fn: Callable[[], object]) -> bool:
+def unregister_child_callback(fn: Callable[[], object], *, phase: Phase = AFTER_RESET) -> bool:
     """Remove a callback added by `register_child_callback`; return whether it was there."""
     try:
-        _CHILD_CALLBACKS.remove(fn)
+        _CHILD_CALLBACKS[phase].remove(fn)
     except ValueError:
         return False
     return True
+
+
+def _run_child_callbacks(phase: Phase) -> None:
+    for callback in list(_CHILD_CALLBACKS[phase]):
+        try:
+            callback()
+        except Exception as exc:
+            report_internal_error(exc, f"the {phase.replace('_', '-')} callback {callback!r}")
 
 
 def current_pid() -> int:
@@ -143,11 +154,7 @@ def after_fork() -> bool:
 
 
 def _reset(pid: int) -> None:
-    for check in list(_CHILD_CHECKS):
-        try:
-            check(pid)
-        except Exception as exc:
-            report_internal_error(exc, "checking for untracked connections")
+    _run_child_callbacks(BEFORE_RESET)
     inherited, engines = REGISTRY.take_inherited(pid)
     for conn, entry in inherited:
         try:
@@ -159,11 +166,7 @@ def _reset(pid: int) -> None:
             adapter.reset_in_child()
         except Exception as exc:
             report_internal_error(exc, "giving a tracked engine a fresh pool")
-    for callback in list(_CHILD_CALLBACKS):
-        try:
-            callback()
-        except Exception as exc:
-            report_internal_error(exc, f"the after-fork callback {callback!r}")
+    _run_child_callbacks(AFTER_RESET)
     if inherited or engines:
         logger.debug(
             "forksafe: pid %d reset %d engine(s), neutralised %d inherited connection(s)",

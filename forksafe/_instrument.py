@@ -529,8 +529,9 @@ def _engine_inherited_connections(engine: Any) -> list[Any]:
     return out
 
 
-def _child_check(pid: int) -> None:
+def _child_check() -> None:
     """Run in a child before forksafe's own reset: protect and report untracked objects."""
+    pid = os.getpid()  # the pid being reset: after_fork runs in the process it resets
     _STATE.pending_strict = []  # what an ancestor found is not this process's business
     if not (len(_SEEN) or _CONFIG.scan_at_fork):
         return
@@ -592,4 +593,4 @@ def _poison(obj: Any, description: str) -> None:
                 break
 
 
-_fork.register_child_check(_child_check)
+_fork.register_child_callback(_child_check, phase=_fork.BEFORE_RESET)
