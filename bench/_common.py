@@ -187,6 +187,8 @@ def _pid_of(base: str, path: str) -> int | None:
     text = body.decode("utf-8", "replace").strip()
     if text.isdigit():
         return int(text)
+    if text == "ok":  # /health: the server answers, pid unknown
+        return 0
     with contextlib.suppress(ValueError, AttributeError, TypeError):
         return int(json.loads(text)["pid"])
     return None

@@ -12,9 +12,11 @@ the median µs per cycle of each and the ratios to the plain pool, from one run:
     python bench/bench_checkout.py --url mysql+mysqldb://root@127.0.0.1:3306/test
     python bench/bench_checkout.py --quick    # a smoke run of a few seconds
 
-Also prints a checkout-only cycle (no query), where forksafe's share is easiest to see, and
-the bare cost of the fork check itself (the checkout listener's pid comparison, timed in a
-loop of its own) as a share of both cycles.
+Also prints a checkout-only cycle (no query, but the pool's rollback on return is a round
+trip), the same without reset-on-return (no byte to the server: the pool's CPU alone, where
+forksafe's share is easiest to see), and forksafe's per-checkout work timed by itself: the
+fork check (the checkout listener's pid comparison) and the whole checkout listener as the
+pool dispatches it, as shares of the plain pool's cycles.
 """
 
 from __future__ import annotations
@@ -70,29 +72,49 @@ def fork_check_ns(loops: int = 1_000_000) -> float:
     return max(best - base, 0.0) / loops * 1e9
 
 
-def run(url: str, rounds: int, cycles: int) -> None:
-    engines = {
-        "plain pool": create_engine(url),
-        "pool_pre_ping": create_engine(url, pool_pre_ping=True),
-        "NullPool": create_engine(url, poolclass=NullPool),
-        "forksafe": forksafe.track(create_engine(url)),
+def listener_ns(engine: Any, loops: int = 200_000) -> float:
+    """ns per call of the engine's checkout listeners, dispatched as the pool does."""
+    fairy = engine.raw_connection()
+    try:
+        args = (fairy.dbapi_connection, fairy._connection_record, fairy)
+        dispatch = engine.pool.dispatch.checkout
+        timer = timeit.Timer("dispatch(*args)", globals={"dispatch": dispatch, "args": args})
+        return min(timer.timeit(loops) for _ in range(5)) / loops * 1e9
+    finally:
+        fairy.close()
+
+
+def make_engines(url: str, **options: Any) -> dict[str, Any]:
+    """The five engines compared, with the same extra ``options``."""
+    return {
+        "plain pool": create_engine(url, **options),
+        "pool_pre_ping": create_engine(url, pool_pre_ping=True, **options),
+        "NullPool": create_engine(url, poolclass=NullPool, **options),
+        "forksafe": forksafe.track(create_engine(url, **options)),
         "forksafe fork check only": forksafe.track(
-            create_engine(url), idle_check=None, recycle=None
+            create_engine(url, **options), idle_check=None, recycle=None
         ),
     }
-    kinds: dict[str, Callable[[Any, int], float]] = {
-        "checkout + SELECT 1": cycle_query,
-        "checkout only": cycle_checkout,
-    }
+
+
+def run(url: str, rounds: int, cycles: int) -> None:
+    engines = make_engines(url)
+    no_reset = make_engines(url, pool_reset_on_return=None)
+    kinds: list[tuple[str, Callable[[Any, int], float], dict[str, Any]]] = [
+        ("checkout + SELECT 1", cycle_query, engines),
+        ("checkout only", cycle_checkout, engines),
+        # without the rollback on return no byte goes to the server: the pool's CPU alone
+        ("checkout only, no reset on return", cycle_checkout, no_reset),
+    ]
     plain: dict[str, float] = {}
     rng = random.Random(6)
-    for kind, fn in kinds.items():
-        samples: dict[str, list[float]] = {name: [] for name in engines}
+    for kind, fn, group in kinds:
+        samples: dict[str, list[float]] = {name: [] for name in group}
         for _ in range(rounds):
             # A fresh connection for every engine in every round, in a shuffled order: the
             # speed of one loopback connection depends on where the scheduler puts its
             # server thread, and would otherwise favour one engine for the whole run.
-            order = list(engines.items())
+            order = list(group.items())
             rng.shuffle(order)
             for name, engine in order:
                 engine.dispose()
@@ -108,15 +130,22 @@ def run(url: str, rounds: int, cycles: int) -> None:
             ],
         )
     check = fork_check_ns()
+    listeners = {
+        "fork check alone": check,
+        "forksafe checkout listener, fork check only": listener_ns(
+            engines["forksafe fork check only"]
+        ),
+        "forksafe checkout listener, defaults": listener_ns(engines["forksafe"]),
+    }
     print_table(
-        "forksafe's fork check (os.getpid() != current pid), timed alone",
-        ["cycle", "fork check ns", "cycle µs", "share %"],
+        "forksafe's per-checkout work, timed alone, as a share of the plain pool's cycles",
+        ["work", "ns", *[f"% of {kind}" for kind in plain]],
         [
-            [kind, f"{check:.0f}", f"{us:.1f}", f"{check / 1000 / us * 100:.3f}"]
-            for kind, us in plain.items()
+            [what, f"{ns:.0f}", *[f"{ns / 1000 / us * 100:.3f}" for us in plain.values()]]
+            for what, ns in listeners.items()
         ],
     )
-    for engine in engines.values():
+    for engine in [*engines.values(), *no_reset.values()]:
         engine.dispose()
 
 
