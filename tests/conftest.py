@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -33,6 +34,28 @@ def unavailable(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"CI is set and a required server is unavailable: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def start_mariadb(*options: str) -> Any:
+    """Start a private MariaDB of the test's own (server ``options``, no general log), for
+    tests that restart it or change its settings; skip (fail in CI) when none can start."""
+    from forksafe.testing.mariadb import MariaDB, ServerUnavailableError
+
+    server = MariaDB(options=options, general_log=False)
+    try:
+        server.start()
+    except ServerUnavailableError as err:
+        server.cleanup()
+        unavailable(str(err))
+    return server
+
+
+@pytest.fixture
+def short_timeout() -> Iterator[Any]:
+    """A private MariaDB whose wait_timeout is 2 seconds."""
+    server = start_mariadb("--wait-timeout=2")
+    yield server
+    server.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -5,32 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import unavailable
-
 pytestmark = [pytest.mark.mariadb, pytest.mark.slow]
 
 SCRIPT = Path(__file__).parent / "scripts" / "django_consumer.py"
-
-
-@pytest.fixture
-def short_timeout() -> Iterator[Any]:
-    """A private MariaDB whose wait_timeout is 2 seconds."""
-    from forksafe.testing.mariadb import MariaDB, ServerUnavailableError
-
-    server = MariaDB(options=("--wait-timeout=2",), general_log=False)
-    try:
-        server.start()
-    except ServerUnavailableError as err:
-        server.cleanup()
-        unavailable(str(err))
-    yield server
-    server.cleanup()
 
 
 def test_consumer_loop_survives_wait_timeout(short_timeout: Any) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import unavailable
+from tests.conftest import start_mariadb
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.slow]
 
@@ -33,14 +33,7 @@ SECONDS = 8.0
 @pytest.fixture
 def server() -> Iterator[Any]:
     """A private MariaDB with the kv (known answers) and writes tables, and a 'plain' user."""
-    from forksafe.testing.mariadb import MariaDB, ServerUnavailableError
-
-    srv = MariaDB(general_log=False)
-    try:
-        srv.start()
-    except ServerUnavailableError as err:
-        srv.cleanup()
-        unavailable(str(err))
+    srv = start_mariadb()
     srv.execute("CREATE TABLE forksafe.kv (k INT PRIMARY KEY, v INT NOT NULL)")
     values = ", ".join(f"({k}, {k * 7})" for k in range(1, ROWS + 1))
     srv.execute(f"INSERT INTO forksafe.kv VALUES {values}")

@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, exc, text
 
 import forksafe
 from forksafe.testing.proxy import FaultProxy
-from tests.conftest import unavailable
+from tests.conftest import start_mariadb
 
 pytestmark = [pytest.mark.mariadb]
 
@@ -27,30 +27,10 @@ pytestmark = [pytest.mark.mariadb]
 COM_QUERY_COMMIT = b"\x03COMMIT"
 
 
-def start_server(*options: str) -> Any:
-    from forksafe.testing.mariadb import MariaDB, ServerUnavailableError
-
-    server = MariaDB(options=options, general_log=False)
-    try:
-        server.start()
-    except ServerUnavailableError as err:
-        server.cleanup()
-        unavailable(str(err))
-    return server
-
-
-@pytest.fixture
-def short_timeout() -> Iterator[Any]:
-    """A private MariaDB whose wait_timeout is 2 seconds."""
-    server = start_server("--wait-timeout=2")
-    yield server
-    server.cleanup()
-
-
 @pytest.fixture
 def server() -> Iterator[Any]:
     """A private MariaDB with default settings, which the test may restart."""
-    server = start_server()
+    server = start_mariadb()
     yield server
     server.cleanup()
 
