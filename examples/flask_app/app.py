@@ -58,8 +58,10 @@ orders = Table(
     Column("created", DateTime, server_default=func.now()),
 )
 
-# The one line forksafe asks for: the engine is protected in every forked worker.
-engine = forksafe.track(create_engine(DATABASE_URL, pool_size=5, pool_pre_ping=True))
+# The one line forksafe asks for: the engine is protected in every forked worker. No
+# pool_pre_ping: forksafe checks a connection only when it sat idle long enough to be dead
+# (and retires it before the server's wait_timeout), so busy workers pay no round trip.
+engine = forksafe.track(create_engine(DATABASE_URL, pool_size=5))
 
 # Knobs for bench/ (unset: the app exactly as above). BENCH_POOL=queue|null|pre_ping picks
 # a QueuePool without pre-ping, a NullPool or a QueuePool with pool_pre_ping;
