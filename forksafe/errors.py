@@ -352,6 +352,9 @@ def _classify_one(exc: BaseException) -> ErrorClass | None:
     return None
 
 
+_MYSQL_CODE_IN_TEXT = re.compile(r"(?:^|\()\s*(\d{4})\s*,")
+
+
 def classify(exc_or_message: BaseException | str) -> ErrorClass | None:
     """Explain a database error; None if it is not one forksafe knows.
 
@@ -366,9 +369,12 @@ def classify(exc_or_message: BaseException | str) -> ErrorClass | None:
         The `ErrorClass`, or None for errors that are not about the connection itself.
     """
     if isinstance(exc_or_message, str):
-        code_match = re.match(r"\s*\(?\s*(\d{4})\s*,", exc_or_message)
-        if code_match and int(code_match.group(1)) in _MYSQL_CODES:
-            return _MYSQL_CODES[int(code_match.group(1))]
+        # "(2006, 'MySQL server has gone away')" at the start of a driver message, or inside
+        # SQLAlchemy's "(MySQLdb.OperationalError) (2006, ...)" or a log line.
+        for code_match in _MYSQL_CODE_IN_TEXT.finditer(exc_or_message):
+            code = int(code_match.group(1))
+            if code in _MYSQL_CODES:
+                return _MYSQL_CODES[code]
         return _by_message(exc_or_message)
     for exc in _chain(exc_or_message):
         kind = _classify_one(exc)

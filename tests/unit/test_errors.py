@@ -153,3 +153,23 @@ def test_mask_secrets_hides_key_value_passwords(password: str) -> None:
     assert "password=***" in masked
     assert "dbname=app" in masked
     assert f"password={password}" not in masked
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("(MySQLdb.OperationalError) (2006, 'Server has gone away')", "mysql-2006"),
+        ("ERROR app: query failed: (2013, 'Lost connection to MySQL server')", "mysql-2013"),
+        ("(2014, \"Commands out of sync; you can't run this command now\")", "mysql-2014"),
+    ],
+)
+def test_codes_are_found_in_wrapped_messages_and_log_lines(text: str, expected: str) -> None:
+    """A MySQL code inside SQLAlchemy's message or a log line is recognised, not only first."""
+    kind = errors.classify(text)
+    assert kind is not None
+    assert kind.code == expected
+
+
+def test_numbers_that_are_not_error_codes_are_ignored() -> None:
+    """A four-digit number that is not a known code (a duration, a port) classifies nothing."""
+    assert errors.classify("the query took (1234, 5) ms on port 3306") is None
