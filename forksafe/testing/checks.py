@@ -16,6 +16,8 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from forksafe import errors
+
 __all__ = [
     "CATEGORIES",
     "CATEGORY_TITLES",
@@ -131,72 +133,35 @@ def validate_answer(n: int, body: object) -> str:
 
 # -- naming an exception -------------------------------------------------------------------
 
-_MYSQL_CODES = {2006: GONE, 2013: LOST, 2055: LOST, 2014: SYNC}
-
-# Messages, for drivers that do not carry the MySQL code (PyMySQL's protocol errors,
-# psycopg2). Checked in order, case-insensitively, against every message in the chain.
-_MESSAGES: tuple[tuple[str, str], ...] = (
-    ("server has gone away", GONE),
-    ("lost connection", LOST),
-    ("commands out of sync", SYNC),
-    ("packet sequence number wrong", SYNC),
-    ("server closed the connection unexpectedly", LOST),
-    ("connection already closed", GONE),
-    ("could not locate column", COLUMN),
-    ("does not return rows", CLOSED),
-    ("result object is closed", CLOSED),
-)
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    """``exc``, the DBAPI error SQLAlchemy wrapped (``.orig``), its causes and contexts."""
-    seen: list[BaseException] = []
-    todo: list[BaseException | None] = [exc]
-    while todo and len(seen) < 16:
-        item = todo.pop(0)
-        if item is None or any(item is s for s in seen):
-            continue
-        seen.append(item)
-        orig = getattr(item, "orig", None)
-        todo += [orig if isinstance(orig, BaseException) else None]
-        todo += [item.__cause__, item.__context__]
-    return seen
-
-
-def _class_names(exc: BaseException) -> set[str]:
-    return {cls.__name__ for cls in type(exc).__mro__}
+# The report's columns for what `forksafe.errors.classify` recognises. Codes not listed
+# (a refused connection, a killed session, ...) are OTHER: they are not fork symptoms.
+_CATEGORY_OF_CODE: dict[str, str] = {
+    "mysql-2006": GONE,
+    "pg-already-closed": GONE,  # psycopg2: "connection already closed"
+    "mysql-2013": LOST,
+    "mysql-2055": LOST,
+    "pg-closed": LOST,  # psycopg2: "server closed the connection unexpectedly"
+    "mysql-2014": SYNC,
+    "mysql-protocol": SYNC,  # PyMySQL: "Packet sequence number wrong"
+    "sa-result-closed": CLOSED,
+    "sa-no-such-column": COLUMN,
+}
 
 
 def classify_exception(exc: BaseException) -> str:
     """Name the failure ``exc`` stands for: one of `ERROR_CATEGORIES`.
 
-    Looks through SQLAlchemy's wrapper (``.orig``) and the cause chain for, in order:
-    ``ResourceClosedError``; ``NoSuchColumnError`` or a missing key in a result row; a
-    MySQL client error code (2006 gone away, 2013 / 2055 lost connection, 2014 out of
-    sync); then known messages (PyMySQL's "Packet sequence number wrong" counts as out of
-    sync; psycopg2's "server closed the connection unexpectedly" as a lost connection and
-    "connection already closed" as gone away). Anything else is ``OTHER``.
+    A missing key in a result row (the app reads ``row["label"]`` and got another query's
+    columns) is a missing column; everything else is named by `forksafe.errors.classify`
+    (which looks through SQLAlchemy's wrapper and the cause chain, MySQL code first, then
+    the message) and mapped onto the report's columns. Anything else is ``OTHER``.
     """
-    chain = _chain(exc)
-    for item in chain:
-        if "ResourceClosedError" in _class_names(item):
-            return CLOSED
-    for item in chain:
-        names = _class_names(item)
-        if "NoSuchColumnError" in names or isinstance(item, KeyError):
-            return COLUMN
-    for item in chain:
-        args = getattr(item, "args", ())
-        if args and isinstance(args[0], int) and not isinstance(args[0], bool):
-            category = _MYSQL_CODES.get(args[0])
-            if category:
-                return category
-    for item in chain:
-        text = str(item).lower()
-        for needle, category in _MESSAGES:
-            if needle in text:
-                return category
-    return OTHER
+    if isinstance(exc, KeyError) or isinstance(exc.__cause__, KeyError):
+        return COLUMN
+    kind = errors.classify(exc)
+    if kind is None:
+        return OTHER
+    return _CATEGORY_OF_CODE.get(kind.code, OTHER)
 
 
 def driver_timeout_args(drivername: str, timeout: int) -> dict[str, Any]:
