@@ -32,7 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     server = None
     try:
-        check_port_free(args.port)
+        try:
+            check_port_free(args.port)
+        except HarnessError:
+            raise HarnessError(
+                f"port {args.port} is in use (a dbserver already running?): stop it, or pass "
+                "--port N and set DATABASE_URL to the URL it prints"
+            ) from None
         server = MariaDB(args.port, general_log=False)
         server.start()
         print(f"DATABASE_URL={server.url()}", flush=True)

@@ -112,8 +112,14 @@ def free_port() -> int:
 
 
 def check_port_free(port: int) -> None:
-    """Raise `HarnessError` when something listens on (or holds) 127.0.0.1:``port``."""
+    """Raise `HarnessError` when something listens on (or holds) 127.0.0.1:``port``.
+
+    The probe binds with ``SO_REUSEADDR`` as the servers themselves do (mariadbd, gunicorn,
+    uWSGI): closed connections of a server stopped a moment ago linger in TIME_WAIT on the
+    port for a minute and must not count as "in use"; a live listener still does.
+    """
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError as exc:
