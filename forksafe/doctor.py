@@ -88,7 +88,11 @@ def run(args: argparse.Namespace) -> int:
             findings.append(Finding("error", check.__name__.removeprefix("check_"),
                                     f"the check failed: {ctx.mask(repr(exc))}",
                                     "report this as a forksafe bug"))
-    findings.sort(key=lambda f: SEVERITY_ORDER.get(f.severity, 3))
+    # Most serious first. Ties keep the order of the steps above and, within a step, the
+    # order the check reported in (each check reports in an order of its own making, never
+    # that of the garbage collector): the same input always prints the same list.
+    position = {id(f): i for i, f in enumerate(findings)}
+    findings.sort(key=lambda f: (SEVERITY_ORDER.get(f.severity, 3), position[id(f)]))
     findings = [Finding(f.severity, f.check, ctx.mask(f.message), ctx.mask(f.fix))
                 for f in findings]
     if args.json:
@@ -341,18 +345,18 @@ def check_app(spec: str, ctx: Context) -> list[Finding]:
         importlib.import_module(module_name)
     except BaseException as exc:  # ImportError, a failing app, or sys.exit in it
         return [Finding("error", "app", f"importing {module_name} failed: "
-                        f"{type(exc).__name__}: {exc}",
-                        "run doctor from the directory the server runs the app from")]
+                        f"{type(exc).__name__}: {exc}", _import_fix(exc))]
     import forksafe
     from forksafe._instrument import _scan_gc
     from forksafe.drivers import find_driver
 
-    out: list[Finding] = []
+    engine_findings: list[Finding] = []
+    conn_findings: list[Finding] = []
     engines_pools: set[int] = set()
     objects = _scan_gc()
     for obj in objects:
         if find_driver(obj) is None:
-            out += _engine_finding(obj, ctx, engines_pools)
+            engine_findings += _engine_finding(obj, ctx, engines_pools)
     for obj in objects:
         driver = find_driver(obj)
         if driver is None or id(obj) in engines_pools:
@@ -362,13 +366,33 @@ def check_app(spec: str, ctx: Context) -> list[Finding]:
         except Exception:
             open_ = False
         if open_ and not forksafe.is_tracked(obj):
-            out.append(Finding(
+            conn_findings.append(Finding(
                 "error", "app", f"a {driver.name} connection is open at import and not "
                 "tracked: a fork shares it", "forksafe.track(conn) or forksafe.ProcessLocal"))
+    # _scan_gc() lists objects in the collector's order, which shifts with whatever the
+    # import allocated; report engines (their pooled connections included) before stray
+    # connections, each by severity, then by text.
+    out = sorted(engine_findings, key=_finding_key) + sorted(conn_findings, key=_finding_key)
     if not out:
         out.append(Finding("info", "app", f"{module_name}: no engine or connection at import"))
     gc.collect()
     return out
+
+
+def _finding_key(finding: Finding) -> tuple[int, str]:
+    return SEVERITY_ORDER.get(finding.severity, 3), finding.message
+
+
+_DB_MODULES = ("sqlalchemy", "MySQLdb", "pymysql", "psycopg2", "psycopg")
+
+
+def _import_fix(exc: BaseException) -> str:
+    """The fix for an app whose import failed: a database error or anything else."""
+    module = type(exc).__module__.split(".", 1)[0]
+    if module in _DB_MODULES:
+        return ("the app talks to its database while it loads: check that the server is up "
+                "and reachable from here with the app's settings")
+    return "run doctor from the directory the server runs the app from"
 
 
 def _engine_finding(engine: Any, ctx: Context, pooled: set[int]) -> list[Finding]:

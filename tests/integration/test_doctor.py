@@ -125,15 +125,57 @@ def test_broken_uwsgi_configs() -> None:
 
 
 def test_app_import_finds_untracked_engine_with_connections(mariadb: Any) -> None:
-    """An app that opens an untracked engine's connection at import is an error; the same
-    app with track() is fine; an app whose import fails is one error line."""
+    """An app that opens an untracked engine's connection at import is exactly one error
+    (its pooled connection is reported with the engine, not again on its own); the same app
+    with track() is fine; an app whose import fails is one error line."""
+    mariadb.execute("SELECT 1")  # the apps connect while they load: the server must answer
     env = {"DATABASE_URL": mariadb.url("pymysql")}
-    status, findings, _ = doctor("--app", "untracked_app", env=env)
-    assert status == 1
-    assert "open at import and is not tracked" in findings[0]["message"], findings
-    status, findings, _ = doctor("--app", "tracked_app", env=env)
-    assert status == 0, findings
-    assert any("is tracked" in f["message"] for f in findings)
-    status, findings, _ = doctor("--app", "failing_app")
-    assert status == 1
-    assert "ImportError: cannot import name 'settings'" in findings[0]["message"]
+    status, findings, out = doctor("--app", "untracked_app", env=env)
+    assert [(f["severity"], f["check"]) for f in findings] == [("error", "app")], out
+    assert findings[0]["message"].startswith("engine mysql+pymysql://root@"), out
+    assert findings[0]["message"].endswith(
+        "has 1 connection(s) open at import and is not tracked: a fork shares them between "
+        "workers"), out
+    assert status == 1, out
+    status, findings, out = doctor("--app", "tracked_app", env=env)
+    assert status == 0, out
+    assert any("is tracked" in f["message"] for f in findings), out
+    status, findings, out = doctor("--app", "failing_app")
+    assert status == 1, out
+    assert len(findings) == 1, out
+    assert "ImportError: cannot import name 'settings'" in findings[0]["message"], out
+
+
+def test_findings_order_is_stable(mariadb: Any, tmp_path: Path) -> None:
+    """Findings of equal severity come in the same order whatever the garbage collector's
+    order: engines (by URL) before stray connections, every run alike."""
+    names = ("zeta", "alpha", "mid")
+    for name in names:
+        mariadb.execute(f"CREATE DATABASE IF NOT EXISTS doctor_{name}")
+    base = mariadb.url("pymysql", database="")
+    (tmp_path / "many_engines.py").write_text(
+        "import pymysql\n"
+        "from sqlalchemy import create_engine, text\n"
+        f"engines = [create_engine({base!r} + 'doctor_' + name) for name in {names!r}]\n"
+        "for engine in engines:\n"
+        "    with engine.connect() as conn:\n"
+        "        conn.execute(text('SELECT 1'))\n"
+        f"raw = pymysql.connect(**{mariadb.connect_kwargs()!r})\n"
+    )
+    runs = []
+    for seed in ("0", "1", "2"):
+        done = subprocess.run(
+            [sys.executable, "-m", "forksafe", "doctor", "--json", "--app", "many_engines"],
+            capture_output=True, text=True, timeout=90, check=False, cwd=tmp_path,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        assert done.returncode == 1, done.stdout + done.stderr
+        runs.append([f["message"] for f in json.loads(done.stdout)])
+    expected = [f"doctor_{name} has 1 connection(s)" for name in sorted(names)]
+    first = runs[0]
+    assert len(first) == 4, first
+    for message, db in zip(first, expected, strict=False):  # the engines, then the raw one
+        assert db in message, first
+    assert first[3].startswith("a PyMySQL connection is open at import"), first
+    assert runs[1] == first, runs
+    assert runs[2] == first, runs
