@@ -8,7 +8,8 @@ its own connections.
 * ``GET /products?page=N``: an HTML listing page, 50 products a page;
 * ``GET /products/<id>.json``: one product;
 * ``POST /orders`` (form fields ``product_id``, ``quantity``, ``token``): records an order
-  and answers it back as JSON;
+  and answers it back as JSON. The token makes it idempotent: sending the same order again
+  (a client's retry) answers the stored order; the same token for another order is a 409;
 * ``GET /health``.
 
 ``DATABASE_URL`` picks the database (default: the private MariaDB of
@@ -35,6 +36,7 @@ from sqlalchemy import (
     insert,
     select,
 )
+from sqlalchemy.exc import IntegrityError
 
 import forksafe
 
@@ -149,13 +151,21 @@ def order() -> Response:
     token = request.form.get("token", "")
     if not product_id or not quantity or not token:
         abort(400)
-    with engine.begin() as conn:
-        conn.execute(insert(orders).values(product_id=product_id, quantity=quantity, token=token))
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                insert(orders).values(product_id=product_id, quantity=quantity, token=token)
+            )
+    except IntegrityError:
+        pass  # the token was used before: the order exists already (a client's retry)
+    with engine.connect() as conn:
         row = conn.execute(
             select(orders.c.id, orders.c.product_id, orders.c.quantity, orders.c.token).where(
                 orders.c.token == token
             )
         ).one()
+    if (row.product_id, row.quantity) != (product_id, quantity):
+        return Response("this token was used for a different order\n", status=409)
     return jsonify(id=row.id, product_id=row.product_id, quantity=row.quantity, token=row.token)
 
 

@@ -173,9 +173,18 @@ def test_flask_example(mariadb: Any, server: str) -> None:
     tokens: list[str] = []
     with serve("flask_app", server, url) as base:
         problems = hammer(flask_check(base, tokens))
+        # an order sent again (a client's retry) is answered, not stored twice; the same
+        # token for another order is refused
+        order = {"product_id": 7, "quantity": 1, "token": f"retry-{server}"}
+        sent = [_post(f"{base}/orders", order) for _ in range(2)]
+        conflict, _ = _post(f"{base}/orders", {**order, "quantity": 99})
     assert problems == [], problems[:10]
     assert len(tokens) == REQUESTS // 3
     assert _orders_stored(url, tokens) == len(tokens)
+    assert [status for status, _ in sent] == [200, 200]
+    assert json.loads(sent[0][1]) == json.loads(sent[1][1])
+    assert _orders_stored(url, [order["token"]]) == 1
+    assert conflict == 409
 
 
 def test_pyramid_example_under_uwsgi(mariadb: Any) -> None:
