@@ -12,7 +12,7 @@ an error, never a skip.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -36,18 +36,30 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+def start_private(make: Callable[[], Any]) -> Any:
+    """Start the private server ``make()`` builds; skip (fail in CI) when none can start."""
+    try:
+        from forksafe.testing.mariadb import ServerUnavailableError
+    except ImportError as exc:
+        unavailable(f"the dev extra is not installed ({exc}); pip install -e '.[dev]'")
+        raise
+    server = None
+    try:
+        server = make()
+        server.start()
+    except ServerUnavailableError as err:
+        if server is not None:
+            server.cleanup()
+        unavailable(str(err))
+    return server
+
+
 def start_mariadb(*options: str) -> Any:
     """Start a private MariaDB of the test's own (server ``options``, no general log), for
     tests that restart it or change its settings; skip (fail in CI) when none can start."""
-    from forksafe.testing.mariadb import MariaDB, ServerUnavailableError
+    from forksafe.testing.mariadb import MariaDB
 
-    server = MariaDB(options=options, general_log=False)
-    try:
-        server.start()
-    except ServerUnavailableError as err:
-        server.cleanup()
-        unavailable(str(err))
-    return server
+    return start_private(lambda: MariaDB(options=options, general_log=False))
 
 
 @pytest.fixture
@@ -65,17 +77,9 @@ def mariadb() -> Iterator[object]:
     Tests that read the server's general log or restart it ask for this fixture; tests that
     only need a server ask for ``mysql_server``, which honours ``--mysql-url``.
     """
-    try:
-        from forksafe.testing.mariadb import MariaDB, ServerUnavailableError
-    except ImportError as exc:
-        unavailable(f"the repro extra is not installed ({exc}); pip install -e '.[dev]'")
-        raise
-    server = MariaDB()
-    try:
-        server.start()
-    except ServerUnavailableError as exc:
-        server.cleanup()
-        unavailable(str(exc))
+    from forksafe.testing.mariadb import MariaDB
+
+    server = start_private(MariaDB)
     try:
         yield server
     finally:
@@ -89,20 +93,9 @@ def postgres() -> Iterator[object]:
     It logs every connection and disconnection with the backend pid, so tests can prove
     from the server side that a session ended or survived.
     """
-    try:
-        from forksafe.testing.postgres import PostgreSQL, ServerUnavailableError
-    except ImportError as exc:
-        unavailable(f"the dev extra is not installed ({exc}); pip install -e '.[dev]'")
-        raise
-    server = None
-    try:
-        server = PostgreSQL()
-        server.start()
-    except ServerUnavailableError as exc:
-        if server is not None:
-            server.cleanup()
-        unavailable(str(exc))
-    assert server is not None
+    from forksafe.testing.postgres import PostgreSQL
+
+    server = start_private(PostgreSQL)
     try:
         yield server
     finally:

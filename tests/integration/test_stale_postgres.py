@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import create_engine, exc, text
 
 import forksafe
-from tests.conftest import unavailable
+from tests.conftest import start_private
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -18,15 +18,9 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def short_idle_postgres() -> Iterator[Any]:
     """A private PostgreSQL that ends any session idle for 2 seconds."""
-    from forksafe.testing.mariadb import ServerUnavailableError
     from forksafe.testing.postgres import PostgreSQL
 
-    server = PostgreSQL(options={"idle_session_timeout": "2s"})
-    try:
-        server.start()
-    except ServerUnavailableError as err:
-        server.cleanup()
-        unavailable(str(err))
+    server = start_private(lambda: PostgreSQL(options={"idle_session_timeout": "2s"}))
     yield server
     server.cleanup()
 
