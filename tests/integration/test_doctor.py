@@ -179,3 +179,19 @@ def test_findings_order_is_stable(mariadb: Any, tmp_path: Path) -> None:
     assert first[3].startswith("a PyMySQL connection is open at import"), first
     assert runs[1] == first, runs
     assert runs[2] == first, runs
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--uwsgi", str(ROOT / "uwsgi.ini.example")),
+        ("--uwsgi", str(EXAMPLES / "flask_app" / "uwsgi.ini")),
+        ("--uwsgi", str(EXAMPLES / "pyramid_app" / "uwsgi.ini")),
+        ("--gunicorn", str(EXAMPLES / "flask_app" / "gunicorn.conf.py")),
+    ],
+)
+def test_the_configs_we_ship_pass_the_doctor(args: tuple[str, str]) -> None:
+    """The example configs users copy get no warning and no error from forksafe doctor."""
+    status, findings, out = doctor(*args)
+    assert status == 0, out
+    assert [f for f in findings if f["severity"] in ("warning", "error")] == [], out
