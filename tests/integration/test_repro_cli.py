@@ -158,12 +158,20 @@ def test_unknown_scenario_and_bad_numbers() -> None:
 def test_ctrl_c_stops_everything_it_started() -> None:
     """SIGINT in the middle of a run: exit 130 with one line, and the private MariaDB, the
     servers and their workers are all gone."""
-    process = subprocess.Popen(
-        [*COMMAND, "--server", "uwsgi-master,gunicorn-sync", "--rounds", "5"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # A terminal delivers Ctrl-C to a program whose SIGINT is not ignored. A test run started
+    # in the background of a non-interactive shell ignores SIGINT, and a child inherits that
+    # across exec (Python then installs no KeyboardInterrupt handler), so hand the child the
+    # default disposition: a Python handler here becomes SIG_DFL in the exec'd child.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(
+            [*COMMAND, "--server", "uwsgi-master,gunicorn-sync", "--rounds", "5"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     try:
         assert process.stderr is not None
         seen: set[int] = set()

@@ -150,8 +150,11 @@ loglevel = "warning"
 @chain
 def post_fork(server, worker):
     from forksafe import _fork
-    with open(os.path.join(os.environ["HOOK_DIR"], f"user-{worker.pid}"), "w") as fh:
+    hook_dir = os.environ["HOOK_DIR"]
+    partial = os.path.join(hook_dir, f".partial-user-{worker.pid}")
+    with open(partial, "w") as fh:
         fh.write(str(_fork._STATE.resets))
+    os.replace(partial, os.path.join(hook_dir, f"user-{worker.pid}"))
 '''
 
 

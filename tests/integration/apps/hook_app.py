@@ -19,8 +19,12 @@ HOOK_DIR = os.environ["HOOK_DIR"]
 def record(tag: str) -> None:
     from forksafe import _fork
 
-    with open(os.path.join(HOOK_DIR, f"{tag}-{os.getpid()}"), "w") as fh:
+    # written under a temporary name, then renamed: a reader never sees a half-written file
+    final = os.path.join(HOOK_DIR, f"{tag}-{os.getpid()}")
+    partial = os.path.join(HOOK_DIR, f".partial-{tag}-{os.getpid()}")
+    with open(partial, "w") as fh:
         fh.write(str(_fork._STATE.resets))
+    os.replace(partial, final)
 
 
 def user_hook(*_args: object) -> None:
