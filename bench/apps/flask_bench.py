@@ -9,12 +9,10 @@ The example reads ``DATABASE_URL`` and the ``BENCH_POOL`` / ``BENCH_FORKSAFE`` k
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import parse_qs
 
+from _pid import answer_pid
 from app import app as example  # examples/flask_app/app.py (the server's chdir)
 
 __all__ = ["application"]
@@ -22,9 +20,7 @@ __all__ = ["application"]
 
 def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     """The example's WSGI app, with ``/_pid`` in front."""
-    if environ.get("PATH_INFO") == "/_pid":
-        hold = parse_qs(environ.get("QUERY_STRING", "")).get("hold", ["0"])[0]
-        time.sleep(min(max(float(hold), 0.0), 0.2))
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        return [str(os.getpid()).encode()]
+    pid = answer_pid(environ, start_response)
+    if pid is not None:
+        return pid
     return example(environ, start_response)

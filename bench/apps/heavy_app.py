@@ -21,7 +21,6 @@ import json
 import logging.config  # noqa: F401
 import os
 import sqlite3  # noqa: F401
-import time
 import urllib.request  # noqa: F401
 import uuid  # noqa: F401
 import xml.dom.minidom
@@ -29,7 +28,6 @@ import xml.etree.ElementTree  # noqa: F401
 import zoneinfo  # noqa: F401
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import parse_qs
 
 import django.db
 import django.forms
@@ -40,6 +38,7 @@ import pyramid.config
 import pyramid.view  # noqa: F401
 import sqlalchemy.ext.asyncio
 import sqlalchemy.orm
+from _pid import answer_pid
 from sqlalchemy import ForeignKey, Integer, Numeric, String, create_engine, text
 
 import forksafe
@@ -91,11 +90,9 @@ with engine.connect() as _conn:  # used at import, as apps do
 
 def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     """``/_pid`` (the worker's pid) or ``/`` (a cached record and a query)."""
-    if environ.get("PATH_INFO") == "/_pid":
-        hold = parse_qs(environ.get("QUERY_STRING", "")).get("hold", ["0"])[0]
-        time.sleep(min(max(float(hold), 0.0), 0.2))
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        return [str(os.getpid()).encode()]
+    pid = answer_pid(environ, start_response)
+    if pid is not None:
+        return pid
     with engine.connect() as conn:
         one = conn.execute(text("SELECT 1")).scalar()
     item = CATALOGUE[os.getpid() % len(CATALOGUE)]
