@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from forksafe import _fork, errors
 from forksafe._fork import after_fork, internal_errors
+from forksafe._idle_limit import DEFAULT_IDLE_CHECK
 from forksafe._instrument import (
     ConnectionInfo,
     configure,
@@ -83,7 +84,10 @@ def _engine_module() -> Any:
 
 
 def track(
-    obj: T, *, idle_check: float | None = 10.0, recycle: float | str | None = "auto"
+    obj: T,
+    *,
+    idle_check: float | None = DEFAULT_IDLE_CHECK,
+    recycle: float | str | None = "auto",
 ) -> T:
     """Protect ``obj`` across forks and return it unchanged.
 

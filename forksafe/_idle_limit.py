@@ -6,7 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["server_idle_limit"]
+__all__ = ["DEFAULT_IDLE_CHECK", "RETIRE_FRACTION", "server_idle_limit"]
+
+#: Seconds a connection may sit idle before it is checked before use (engines and Django).
+DEFAULT_IDLE_CHECK = 10.0
+#: Share of the server's idle limit after which an idle connection is replaced unchecked.
+RETIRE_FRACTION = 0.9
 
 
 def server_idle_limit(

@@ -44,7 +44,7 @@ import weakref
 from typing import Any
 
 from forksafe import _fork, errors
-from forksafe._idle_limit import server_idle_limit
+from forksafe._idle_limit import DEFAULT_IDLE_CHECK, RETIRE_FRACTION, server_idle_limit
 from forksafe._registry import REGISTRY, ConnectionEntry
 from forksafe.drivers import find_driver, supported_names, unwrap
 from forksafe.exceptions import UnsupportedObjectError
@@ -67,11 +67,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("forksafe")
-
-#: Seconds a pooled connection may sit idle before forksafe pings it at checkout.
-DEFAULT_IDLE_CHECK = 10.0
-#: Share of the server's idle limit after which an idle connection is replaced unpinged.
-RETIRE_FRACTION = 0.9
 
 # Keys in ``_ConnectionRecord.info`` (SQLAlchemy clears it when it reconnects a record).
 _IDLE_SINCE = "forksafe_idle_since"

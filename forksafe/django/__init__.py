@@ -39,7 +39,7 @@ except ImportError as _err:  # pragma: no cover - exercised by users without Dja
 
 from forksafe import _fork, _sockets
 from forksafe import retry as _retry
-from forksafe._idle_limit import server_idle_limit
+from forksafe._idle_limit import DEFAULT_IDLE_CHECK, RETIRE_FRACTION, server_idle_limit
 from forksafe.drivers import find_driver, unwrap
 
 __all__ = [
@@ -54,9 +54,6 @@ logger = logging.getLogger("forksafe")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: Seconds a connection may sit idle between units of work before it is checked.
-DEFAULT_IDLE_CHECK = 10.0
-RETIRE_FRACTION = 0.9
 
 # Per connection wrapper: (id of the DBAPI connection, when the last unit of work ended)
 # and (id of the DBAPI connection, the server's idle limit in seconds). Keyed weakly by the
