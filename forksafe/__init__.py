@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Any, TypeVar
 
 from forksafe import _fork, errors
@@ -142,8 +141,7 @@ def track(
             f"it supports {_SUPPORTED.format(drivers=supported_names())}."
         )
     REGISTRY.add_connection(
-        conn, ConnectionEntry(driver=driver, pid=os.getpid(), origin="track()",
-                              created_at=time.monotonic())
+        conn, ConnectionEntry(driver=driver, pid=os.getpid(), origin="track()")
     )
     return obj
 

@@ -267,7 +267,7 @@ def _on_new_connection(conn: Any) -> None:
             REGISTRY.add_connection(
                 raw,
                 ConnectionEntry(driver=driver, pid=origin.pid,
-                                origin=f"{driver.name} connection", created_at=time.monotonic()),
+                                origin=f"{driver.name} connection"),
             )
     except UntrackedConnectionError:
         raise

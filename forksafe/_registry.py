@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from forksafe.drivers import Driver
@@ -56,9 +56,7 @@ class ConnectionEntry:
     driver: Driver
     pid: int
     origin: str
-    created_at: float = 0.0
     owner: Any = None  # the engine adapter that opened it; None for track(conn)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Registry:

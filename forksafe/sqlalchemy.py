@@ -203,7 +203,6 @@ class EngineAdapter:
                 driver=driver,
                 pid=os.getpid(),
                 origin=self._origin,
-                created_at=time.monotonic(),
                 owner=self,
             ),
         )
