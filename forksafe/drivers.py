@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DRIVERS", "Driver", "find_driver", "supported_names", "unwrap"]
+__all__ = ["DRIVERS", "Driver", "dialect_drivers", "find_driver", "supported_names", "unwrap"]
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,22 @@ class Driver:
         name: the name users know the driver by.
         module: the module whose classes identify its connections.
         classes: dotted paths, relative to ``sys.modules``, of its connection classes.
-        socket_fd: returns the connection's socket descriptor, or None when it has none.
+        socket_fd: returns the connection's socket descriptor, or None when the driver
+            says, explicitly, that the connection is closed. It must not guess: any failure
+            to tell (an attribute that moved in a new release, say) raises, and the caller
+            reports it as an internal error instead of reading it as "closed".
+        dialects: the ``engine.dialect.driver`` names of SQLAlchemy dialects built on it.
+        constructors: what `forksafe.instrument` wraps to see every new connection, as
+            ``"module:qualname"``: a class's ``__init__`` (``"MySQLdb.connections:
+            Connection.__init__"``) or a module-level function (``"psycopg2:connect"``).
     """
 
     name: str
     module: str
     classes: tuple[str, ...]
     socket_fd: Callable[[Any], int | None]
+    dialects: tuple[str, ...] = ()
+    constructors: tuple[str, ...] = ()
 
     def matches(self, conn: object) -> bool:
         """Return True if ``conn`` is a connection of this driver (without importing it)."""
@@ -84,14 +93,38 @@ def _libpq_fd(conn: Any) -> int | None:
 
 
 DRIVERS: tuple[Driver, ...] = (
-    Driver("mysqlclient", "MySQLdb", ("MySQLdb.connections.Connection",), _mysqlclient_fd),
-    Driver("PyMySQL", "pymysql", ("pymysql.connections.Connection",), _pymysql_fd),
-    Driver("psycopg2", "psycopg2", ("psycopg2.extensions.connection",), _libpq_fd),
+    Driver(
+        "mysqlclient",
+        "MySQLdb",
+        ("MySQLdb.connections.Connection",),
+        _mysqlclient_fd,
+        dialects=("mysqldb",),
+        constructors=("MySQLdb.connections:Connection.__init__",),
+    ),
+    Driver(
+        "PyMySQL",
+        "pymysql",
+        ("pymysql.connections.Connection",),
+        _pymysql_fd,
+        dialects=("pymysql",),
+        constructors=("pymysql.connections:Connection.__init__",),
+    ),
+    Driver(
+        "psycopg2",
+        "psycopg2",
+        ("psycopg2.extensions.connection",),
+        _libpq_fd,
+        dialects=("psycopg2",),
+        # psycopg2's connection class is written in C: its __init__ cannot be replaced
+        constructors=("psycopg2:connect",),
+    ),
     Driver(
         "psycopg",
         "psycopg",
         ("psycopg.connection.BaseConnection", "psycopg.Connection", "psycopg.AsyncConnection"),
         _libpq_fd,
+        dialects=("psycopg", "psycopg_async"),
+        constructors=("psycopg:BaseConnection.__init__",),
     ),
 )
 
@@ -115,6 +148,11 @@ def find_driver(conn: object) -> Driver | None:
         if driver.matches(conn):
             return driver
     return None
+
+
+def dialect_drivers() -> frozenset[str]:
+    """Every ``engine.dialect.driver`` name whose connections forksafe can protect."""
+    return frozenset(name for driver in DRIVERS for name in driver.dialects)
 
 
 def supported_names() -> str:

@@ -46,7 +46,7 @@ from typing import Any
 from forksafe import _fork, errors
 from forksafe._idle_limit import DEFAULT_IDLE_CHECK, RETIRE_FRACTION, server_idle_limit
 from forksafe._registry import REGISTRY, ConnectionEntry
-from forksafe.drivers import find_driver, supported_names, unwrap
+from forksafe.drivers import dialect_drivers, find_driver, supported_names, unwrap
 from forksafe.exceptions import UnsupportedObjectError
 
 try:
@@ -73,9 +73,7 @@ _IDLE_SINCE = "forksafe_idle_since"
 _RETIRE_AFTER = "forksafe_retire_after"
 
 #: ``engine.dialect.driver`` values whose connections forksafe can neutralise.
-SUPPORTED_DIALECT_DRIVERS = frozenset(
-    {"mysqldb", "pymysql", "psycopg2", "psycopg", "psycopg_async"}
-)
+SUPPORTED_DIALECT_DRIVERS = dialect_drivers()
 
 
 def is_engine(obj: object) -> bool:
