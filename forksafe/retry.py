@@ -19,15 +19,22 @@ a lost COMMIT: only mark work as repeatable there if it is idempotent.
 
 The unit of work must open its own connection or session: a connection held across the
 failure is dead, and SQLAlchemy has already dropped it (and every older one) from the pool.
+
+Coroutines: ``@retry_on_disconnect`` on an ``async def`` returns an ``async def`` that
+awaits each attempt and pauses with ``asyncio.sleep`` (the event loop keeps serving other
+requests meanwhile); ``async for attempt in retrying(...)`` is the block form. The same
+rules apply, with an `AsyncEngine` / ``AsyncSession`` opened inside the unit of work.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -129,13 +136,22 @@ class retrying:  # noqa: N801 - used like a function: ``for attempt in retrying(
     `CommitUnknownError`; after the last attempt (or past ``timeout``) the last disconnect
     error propagates.
 
+    In a coroutine, iterate with ``async for``: the pauses are ``asyncio.sleep`` and a
+    ``before_retry`` that returns an awaitable is awaited::
+
+        async for attempt in forksafe.retrying(attempts=5):
+            with attempt:
+                async with engine.begin() as conn:
+                    await conn.execute(insert(orders).values(...))
+
     Args:
         attempts: how many times to run the block at most (1 means no retry).
         backoff: the first delay in seconds; it doubles each time (with jitter).
         max_backoff: the largest single delay.
         timeout: no new attempt starts more than this many seconds after the first.
         before_retry: called (without arguments) before each new attempt, e.g. to drop
-            unusable framework connections.
+            unusable framework connections (awaited if it returns an awaitable, in the
+            ``async for`` form).
         where: a password-free label for log lines (an engine or alias).
     """
 
@@ -172,6 +188,18 @@ class retrying:  # noqa: N801 - used like a function: ``for attempt in retrying(
             return False
         return time.monotonic() - self._started < self.timeout
 
+    def _pause_after(self, attempt: Attempt) -> float:
+        assert attempt.error is not None
+        pause = self.delay(attempt.number)
+        logger.info(
+            "forksafe: %s; retrying in %.2fs (attempt %d of %d)",
+            errors.explain(attempt.error) or type(attempt.error).__name__,
+            pause,
+            attempt.number + 1,
+            self.attempts,
+        )
+        return pause
+
     def __iter__(self) -> Iterator[Attempt]:
         self._started = time.monotonic()
         for number in range(1, self.attempts + 1):
@@ -179,17 +207,22 @@ class retrying:  # noqa: N801 - used like a function: ``for attempt in retrying(
             yield attempt
             if attempt.error is None:
                 return
-            pause = self.delay(number)
-            logger.info(
-                "forksafe: %s; retrying in %.2fs (attempt %d of %d)",
-                errors.explain(attempt.error) or type(attempt.error).__name__,
-                pause,
-                number + 1,
-                self.attempts,
-            )
-            time.sleep(pause)
+            time.sleep(self._pause_after(attempt))
             if self.before_retry is not None:
                 self.before_retry()
+
+    async def __aiter__(self) -> AsyncIterator[Attempt]:
+        self._started = time.monotonic()
+        for number in range(1, self.attempts + 1):
+            attempt = Attempt(number, self)
+            yield attempt
+            if attempt.error is None:
+                return
+            await asyncio.sleep(self._pause_after(attempt))
+            if self.before_retry is not None:
+                result = self.before_retry()
+                if inspect.isawaitable(result):
+                    await result
 
 
 @overload
@@ -225,22 +258,49 @@ def retry_on_disconnect(
     The function must open its own connection or session (a held one is dead after a
     disconnect). Semantics as `retrying`: non-disconnect errors propagate at once, a
     disconnect during COMMIT raises `CommitUnknownError`, never a second run.
+
+    On an ``async def`` the result is an ``async def`` too: each attempt is awaited, the
+    pauses are ``asyncio.sleep`` (other tasks run meanwhile) and an awaitable returned by
+    ``before_retry`` is awaited.
     """
+    def policy_for(func: Callable[..., Any]) -> retrying:
+        return retrying(
+            attempts=attempts,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            timeout=timeout,
+            before_retry=before_retry,
+            where=getattr(func, "__qualname__", ""),
+        )
 
     def decorate(func: F) -> F:
+        policy_for(func)  # bad arguments fail at decoration time, not on the first call
+        if inspect.iscoroutinefunction(func):
+            coroutine_function: Callable[..., Awaitable[Any]] = func
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                async for attempt in policy_for(coroutine_function):
+                    with attempt:
+                        return await coroutine_function(*args, **kwargs)
+                raise AssertionError("unreachable: the last attempt returns or raises")
+
+            return async_wrapper  # type: ignore[return-value]
+
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            policy = retrying(
-                attempts=attempts,
-                backoff=backoff,
-                max_backoff=max_backoff,
-                timeout=timeout,
-                before_retry=before_retry,
-                where=getattr(func, "__qualname__", ""),
-            )
-            for attempt in policy:
+            for attempt in policy_for(func):
                 with attempt:
-                    return func(*args, **kwargs)
+                    result = func(*args, **kwargs)
+                    if inspect.iscoroutine(result):
+                        result.close()  # never awaited: no "never awaited" warning either
+                        raise TypeError(
+                            f"{getattr(func, '__qualname__', func)!r} returned a coroutine "
+                            "but is not an 'async def': forksafe.retry_on_disconnect cannot "
+                            "retry work it does not await. Decorate the 'async def' itself, "
+                            "or use 'async for attempt in forksafe.retrying(...)'."
+                        )
+                    return result
             raise AssertionError("unreachable: the last attempt returns or raises")
 
         return wrapper  # type: ignore[return-value]

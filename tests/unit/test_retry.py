@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
+from typing import Any
 
 import MySQLdb
 import pytest
@@ -113,3 +116,105 @@ def test_error_outside_commit_is_not_a_commit_failure() -> None:
     with pytest.raises(MySQLdb.OperationalError) as info:
         raise MySQLdb.OperationalError(2006, "gone away")
     assert not in_commit(info.value)
+
+
+# -- coroutines ------------------------------------------------------------------------------
+
+
+def test_coroutine_is_awaited_and_retried() -> None:
+    """On an ``async def`` the decorator awaits each attempt and retries a disconnect;
+    before, it returned the coroutine unawaited and the disconnect reached the caller."""
+    calls = []
+
+    @forksafe.retry_on_disconnect(attempts=3, backoff=0.0)
+    async def work(value: str) -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise MySQLdb.OperationalError(2006, "MySQL server has gone away")
+        return value
+
+    assert inspect.iscoroutinefunction(work)
+    assert asyncio.run(work("ok")) == "ok"
+    assert len(calls) == 3
+
+
+def test_coroutine_gives_up_and_does_not_retry_other_errors() -> None:
+    """The async form keeps the rules: the last disconnect propagates after ``attempts``,
+    anything else at once."""
+    calls: list[str] = []
+
+    @forksafe.retry_on_disconnect(attempts=2, backoff=0.0)
+    async def lost() -> None:
+        calls.append("lost")
+        raise MySQLdb.OperationalError(2013, "Lost connection to MySQL server during query")
+
+    @forksafe.retry_on_disconnect(attempts=5, backoff=0.0)
+    async def bug() -> None:
+        calls.append("bug")
+        raise ValueError("application bug")
+
+    with pytest.raises(MySQLdb.OperationalError):
+        asyncio.run(lost())
+    with pytest.raises(ValueError, match="application bug"):
+        asyncio.run(bug())
+    assert calls == ["lost", "lost", "bug"]
+
+
+def test_async_pause_lets_other_tasks_run() -> None:
+    """The pause between attempts is ``asyncio.sleep``: another task runs during it (with
+    ``time.sleep`` the event loop would stand still and the other task would not run)."""
+    order: list[str] = []
+
+    async def main() -> None:
+        other_ran = asyncio.Event()
+
+        async def other() -> None:
+            order.append("other")
+            other_ran.set()
+
+        @forksafe.retry_on_disconnect(attempts=2, backoff=0.05, max_backoff=0.05)
+        async def work() -> None:
+            order.append("work")
+            if len(order) == 1:
+                asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(other()))
+                raise MySQLdb.OperationalError(2006, "gone away")
+            assert other_ran.is_set()
+
+        await work()
+
+    asyncio.run(main())
+    assert order == ["work", "other", "work"]
+
+
+def test_async_for_retrying_and_awaited_before_retry() -> None:
+    """``async for attempt in retrying(...)`` retries the block; a coroutine ``before_retry``
+    is awaited before each new attempt."""
+    events: list[str] = []
+
+    async def before() -> None:
+        events.append("b")
+
+    async def main() -> None:
+        async for attempt in retrying(attempts=3, backoff=0.0, before_retry=before):
+            with attempt:
+                events.append("w")
+                if events.count("w") < 3:
+                    raise MySQLdb.OperationalError(2006, "gone away")
+
+    asyncio.run(main())
+    assert events == ["w", "b", "w", "b", "w"]
+
+
+def test_sync_wrapper_returning_a_coroutine_is_refused() -> None:
+    """A plain function that returns a coroutine (a lambda around an async call) cannot be
+    retried: the decorator says so instead of returning work it never ran."""
+
+    async def inner() -> int:
+        return 1
+
+    def sync_caller() -> Any:
+        return inner()
+
+    wrapped = forksafe.retry_on_disconnect(sync_caller)
+    with pytest.raises(TypeError, match="async def"):
+        wrapped()
