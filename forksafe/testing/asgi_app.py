@@ -14,7 +14,7 @@ with a fresh pool, so each worker opens its own connections, in its own loop.
 
 Configured by the same environment as `forksafe.testing.app` (``FORKSAFE_REPRO_URL``,
 ``FORKSAFE_REPRO_PROTECT``, ``FORKSAFE_REPRO_DB_TIMEOUT``). The URL's driver is replaced by
-the backend's asyncio driver (`async_url`): PostgreSQL through psycopg 3
+the backend's asyncio driver (`forksafe.testing._async_drivers`): PostgreSQL through psycopg 3
 (``postgresql+psycopg_async``); MySQL/MariaDB through aiomysql.
 
 Requests: ``GET /?n=<unique number>`` answers ``{"echo": n, "rows": [...], "pid": ...}``;
@@ -29,37 +29,12 @@ import os
 from typing import Any
 
 from forksafe.testing import checks
+from forksafe.testing._async_drivers import async_url
 
-__all__ = ["ASYNC_DRIVERS", "Database", "answer", "app", "async_driver", "async_url"]
-
-#: backend -> (SQLAlchemy asyncio driver, module it needs, pip hint)
-ASYNC_DRIVERS: dict[str, tuple[str, str, str]] = {
-    "postgresql": ("psycopg_async", "psycopg", "pip install 'psycopg[binary]'"),
-    "mysql": ("aiomysql", "aiomysql", "pip install aiomysql"),
-}
+__all__ = ["Database", "answer", "app"]
 
 # checks.TABLE is a constant, never input
 _ROWS_SQL = f"SELECT id, label FROM {checks.TABLE} WHERE id BETWEEN :a AND :b ORDER BY id"  # noqa: S608
-
-
-def async_driver(backend: str) -> str:
-    """The asyncio driver the scenario uses for ``backend`` (``postgresql`` / ``mysql``)."""
-    if backend == "mariadb":
-        backend = "mysql"
-    if backend not in ASYNC_DRIVERS:
-        raise ValueError(f"no asyncio driver for {backend!r}: use PostgreSQL or MySQL/MariaDB")
-    return ASYNC_DRIVERS[backend][0]
-
-
-def async_url(url_string: str) -> str:
-    """``url_string`` with its driver replaced by the backend's asyncio driver."""
-    from sqlalchemy.engine import make_url
-
-    url = make_url(url_string)
-    backend = url.get_backend_name()
-    driver = async_driver(backend)
-    prefix = "postgresql" if backend == "postgresql" else "mysql"
-    return url.set(drivername=f"{prefix}+{driver}").render_as_string(hide_password=False)
 
 
 class Database:

@@ -29,6 +29,7 @@ from types import FrameType
 from typing import Any
 
 from forksafe.testing import checks
+from forksafe.testing._async_drivers import async_driver, missing_async_driver
 from forksafe.testing.report import RunResult, exit_status, render_json, render_table
 from forksafe.testing.servers import (
     DEFAULT_SCENARIOS,
@@ -336,18 +337,22 @@ def _run_all(
         sides = [True]
     elif args.only == "without":
         sides = [False]
-    total = len(scenarios) * len(modes) * len(sides) * args.rounds
+    # the ASGI scenario has the engine mode only (an AsyncEngine on an asyncio driver)
+    runs = sum(1 for s in scenarios for m in modes if not (s.asgi and m != "engine"))
+    total = runs * len(sides) * args.rounds
     done = 0
     first = 1
     results = []
     for scenario in scenarios:
         for mode in modes:
+            if scenario.asgi and mode != "engine":
+                continue
             for protect in sides:
                 result = RunResult(
                     scenario=scenario.name,
                     title=scenario.title,
                     mode=mode,
-                    driver=target.driver,
+                    driver=async_driver(target.url) if scenario.asgi else target.driver,
                     protected=protect,
                 )
                 for round_no in range(1, args.rounds + 1):
@@ -402,6 +407,25 @@ def _header(args: argparse.Namespace, target: Target, modes: list[str]) -> list[
     ]
 
 
+def _usable(args: argparse.Namespace, target: Target, scenarios: list[Scenario]) -> list[Scenario]:
+    """The scenarios that can run on ``target``: the ASGI one needs an asyncio driver.
+
+    Named explicitly and not installable, it is an error; picked by ``--server all`` it is
+    left out with a note.
+    """
+    missing = missing_async_driver(target.url) if any(s.asgi for s in scenarios) else None
+    if not missing:
+        return scenarios
+    asgi = [s.name for s in scenarios if s.asgi]
+    if any(name in str(args.server).split(",") for name in asgi):
+        raise HarnessError(
+            f"{', '.join(asgi)}: {missing}; or use PostgreSQL (--driver psycopg2 or a "
+            "postgresql:// --db), or leave it out of --server"
+        )
+    _progress(args, f"leaving out {', '.join(asgi)}: {missing}")
+    return [s for s in scenarios if not s.asgi]
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -414,6 +438,7 @@ def run(args: argparse.Namespace) -> int:
         scenarios, modes = _validate(args)
         started = time.monotonic()
         with _database(args) as target:
+            scenarios = _usable(args, target, scenarios)
             results = _run_all(args, target, scenarios, modes)
             header = _header(args, target, modes)
             settings = {

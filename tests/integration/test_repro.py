@@ -23,7 +23,7 @@ import pytest
 
 from forksafe.testing import checks
 from forksafe.testing.repro import run_round
-from forksafe.testing.servers import SCENARIOS, ServerSettings, free_port
+from forksafe.testing.servers import DEFAULT_SCENARIOS, ServerSettings, free_port
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.servers, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -89,7 +89,7 @@ def assert_both_halves(url: str, scenario: str, mode: str) -> None:
         )
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("scenario", list(DEFAULT_SCENARIOS))
 def test_engine_used_at_import(seeded: Any, scenario: str) -> None:
     """A SQLAlchemy engine used at import: corrupted without forksafe, clean with it.
 
