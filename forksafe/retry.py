@@ -191,9 +191,10 @@ class retrying:  # noqa: N801 - used like a function: ``for attempt in retrying(
     def _pause_after(self, attempt: Attempt) -> float:
         assert attempt.error is not None
         pause = self.delay(attempt.number)
+        kind = errors.classify(attempt.error)  # explained once, by errors.report()
         logger.info(
-            "forksafe: %s; retrying in %.2fs (attempt %d of %d)",
-            errors.explain(attempt.error) or type(attempt.error).__name__,
+            "%s; retrying in %.2fs (attempt %d of %d)",
+            kind.name if kind is not None else type(attempt.error).__name__,
             pause,
             attempt.number + 1,
             self.attempts,

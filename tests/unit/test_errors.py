@@ -173,3 +173,227 @@ def test_codes_are_found_in_wrapped_messages_and_log_lines(text: str, expected: 
 def test_numbers_that_are_not_error_codes_are_ignored() -> None:
     """A four-digit number that is not a known code (a duration, a port) classifies nothing."""
     assert errors.classify("the query took (1234, 5) ms on port 3306") is None
+
+
+# -- a code decides; the text only when there is none ------------------------------------------
+def test_a_duplicate_key_whose_data_says_connection_refused_is_not_a_disconnect() -> None:
+    """The error code decides: a 1062 whose *data* reads like a disconnect is no disconnect,
+    raw, wrapped by SQLAlchemy, or as a log line."""
+    raw = pymysql.err.IntegrityError(
+        1062, "Duplicate entry 'Connection refused by upstream' for key 'note'")
+    assert errors.classify(raw) is None
+    wrapped = sa_exc.IntegrityError("INSERT INTO notes VALUES (%s)", ("x",), raw)
+    assert errors.classify(wrapped) is None
+    assert not errors.is_disconnect(wrapped)
+    assert errors.classify(str(wrapped)) is None
+    mysqlclient = MySQLdb.IntegrityError(1062, "Duplicate entry 'server has gone away' for key")
+    assert errors.classify(mysqlclient) is None
+
+
+def test_postgres_error_with_a_sqlstate_is_judged_by_it() -> None:
+    """A PostgreSQL error carrying a SQLSTATE that is not about the connection (a unique
+    violation) is never classified by its message text; one without SQLSTATE still is."""
+    import psycopg2.errors
+
+    class UniqueViolation(psycopg2.errors.UniqueViolation):  # pgcode is read-only in C
+        pgcode = "23505"
+
+    err = UniqueViolation('duplicate key value violates unique constraint "u": Key (note)='
+                          "(server closed the connection unexpectedly) already exists.")
+    assert errors.classify(err) is None
+    assert errors.classify(psycopg2.OperationalError(
+        "server closed the connection unexpectedly")) is errors.PG_CLOSED
+
+
+def test_an_error_raised_while_handling_a_disconnect_is_judged_on_its_own() -> None:
+    """An IntegrityError raised inside ``except OperationalError:`` is not the disconnect
+    (``__context__`` is not followed); an explicit ``raise ... from`` still is."""
+    def handled() -> None:
+        try:
+            raise MySQLdb.OperationalError(2006, "MySQL server has gone away")
+        except MySQLdb.OperationalError:
+            raise MySQLdb.IntegrityError(1062, "Duplicate entry '1' for key 'PRIMARY'")  # noqa: B904
+
+    def chained() -> None:
+        try:
+            raise MySQLdb.OperationalError(2006, "MySQL server has gone away")
+        except MySQLdb.OperationalError as gone:
+            raise RuntimeError("the job failed") from gone
+
+    with pytest.raises(MySQLdb.IntegrityError) as integrity:
+        handled()
+    assert integrity.value.__context__ is not None
+    assert errors.classify(integrity.value) is None
+    with pytest.raises(RuntimeError) as runtime:
+        chained()
+    assert errors.classify(runtime.value) is errors.GONE_AWAY
+
+
+# -- packet too large ---------------------------------------------------------------------------
+def test_1153_is_packet_too_large_and_never_retried() -> None:
+    """1153 "Got a packet bigger than 'max_allowed_packet' bytes" names packet size, is
+    a dead connection, and is not safe to retry (it fails the same way every time)."""
+    kind = errors.classify(MySQLdb.OperationalError(
+        1153, "Got a packet bigger than 'max_allowed_packet' bytes"))
+    assert kind is errors.PACKET_TOO_LARGE
+    assert kind.disconnect
+    assert not kind.retry_safe
+    assert errors.classify("(1153, \"Got a packet bigger than 'max_allowed_packet' bytes\")") \
+        is errors.PACKET_TOO_LARGE
+
+
+def test_gone_away_on_an_oversized_statement_is_packet_too_large() -> None:
+    """A 2006 on a statement at least as large as the server's max_allowed_packet is
+    explained as packet size, with its fix; the same 2006 on a small statement is not."""
+    orig = MySQLdb.OperationalError(2006, "Server has gone away")
+    big = sa_exc.OperationalError("INSERT INTO blobs VALUES (%s)", (b"x" * 2_000_000,), orig)
+    small = sa_exc.OperationalError("SELECT 1", (), orig)
+    assert errors.classify(big, max_allowed_packet=1_048_576) is errors.PACKET_TOO_LARGE
+    assert errors.classify(small, max_allowed_packet=1_048_576) is errors.GONE_AWAY
+    assert errors.classify(orig, statement_size=2_000_000, max_allowed_packet=1_048_576) \
+        is errors.PACKET_TOO_LARGE
+    line = errors.explain(big, max_allowed_packet=1_048_576)
+    assert line is not None
+    assert "idle" not in line.split("Fix:")[0]
+    assert "max_allowed_packet is 1,048,576 bytes" in line
+    assert "about 2,000,029 bytes" in line
+    assert "smaller pieces" in line
+    assert "raise max_allowed_packet" in line
+
+
+def test_the_learned_max_allowed_packet_is_used_and_the_smallest_kept() -> None:
+    """`note_max_allowed_packet` (called where the idle limit is learned) is what classify
+    compares with when the caller passes no limit; the smallest server's value is kept."""
+    saved = errors._MAX_PACKET[0]
+    try:
+        errors._MAX_PACKET[0] = None
+        orig = MySQLdb.OperationalError(2006, "Server has gone away")
+        big = sa_exc.OperationalError("INSERT INTO t VALUES (%(b)s)", {"b": "é" * 600_000}, orig)
+        assert errors.classify(big) is errors.GONE_AWAY  # nothing learned: cannot tell
+        errors.note_max_allowed_packet(16_777_216)
+        errors.note_max_allowed_packet("1048576")
+        errors.note_max_allowed_packet(None)
+        assert errors.learned_max_allowed_packet() == 1_048_576
+        assert errors.classify(big) is errors.PACKET_TOO_LARGE
+    finally:
+        errors._MAX_PACKET[0] = saved
+
+
+# -- SQLAlchemy 2.x's form of the fork symptom ---------------------------------------------------
+def test_sqlalchemy_2_indexes_for_keys_not_implemented_is_the_fork_symptom() -> None:
+    """SQLAlchemy 2.x raises a bare NotImplementedError from ``_indexes_for_keys`` when the
+    ORM reads a reply without columns (another statement's): recognised by where it was
+    raised; a NotImplementedError raised anywhere else is not."""
+    from sqlalchemy import Column, Integer, MetaData, Table, create_engine, text
+
+    table = Table("t", MetaData(), Column("id", Integer))
+    engine = create_engine("sqlite://")
+    with engine.connect() as conn:
+        result = conn.execute(text("CREATE TABLE t (id INTEGER)"))  # a reply without columns
+        with pytest.raises(NotImplementedError) as caught:
+            result._metadata._row_as_tuple_getter([table.c.id])
+    kind = errors.classify(caught.value)
+    assert kind is errors.NO_RESULT_METADATA
+    assert not kind.retry_safe
+    assert not kind.disconnect
+    with pytest.raises(NotImplementedError) as elsewhere:
+        raise NotImplementedError
+    assert errors.classify(elsewhere.value) is None
+
+
+# -- the API and its noise ----------------------------------------------------------------------
+def test_explain_returns_the_line_and_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    """``explain`` returns a str (or None) and prints nothing, as the README says."""
+    line = errors.explain(MySQLdb.OperationalError(2013, "Lost connection"))
+    assert isinstance(line, str)
+    assert errors.explain(ValueError("x")) is None
+    assert capsys.readouterr() == ("", "")
+
+
+def test_repeated_reports_are_one_debug_line_and_no_doubled_prefix(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first report of a cause is the explanation (once); later ones are one short
+    DEBUG line; no message starts with 'forksafe:' (the logger's name already says it)."""
+    errors.reset_reported()
+    caplog.set_level(logging.DEBUG, logger="forksafe")
+    for _ in range(3):
+        errors.report(MySQLdb.OperationalError(2006, "gone away"), "Engine(x)")
+    records = [r for r in caplog.records if r.name == "forksafe"]
+    assert [r.levelno for r in records] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    assert "Likely cause" in records[0].getMessage()
+    assert all(len(r.getMessage()) < 120 for r in records[1:]), records
+    assert not any(r.getMessage().startswith("forksafe:") for r in records)
+    errors.reset_reported()
+
+
+def test_django_projects_get_django_advice() -> None:
+    """In a Django project the fix names forksafe.django, not forksafe.track(engine)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import django\n"
+        "from django.conf import settings\n"
+        "settings.configure(INSTALLED_APPS=[])\n"
+        "import MySQLdb\n"
+        "from forksafe import errors\n"
+        "print(errors.explain(MySQLdb.OperationalError(2006, 'gone away')))\n"
+        "import forksafe.django\n"
+        "print(errors.explain(MySQLdb.OperationalError(2014, 'out of sync')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.splitlines()
+    assert len(out) == 2, out
+    assert "forksafe.track" not in out[0], out
+    assert "forksafe.track" not in out[1], out
+    assert "add 'forksafe.django' to INSTALLED_APPS" in out[0]
+    assert "unit_of_work" in out[0]
+    assert "INSTALLED_APPS every worker opens its own" in out[1]
+    plain = errors.explain(MySQLdb.OperationalError(2006, "gone away"))
+    assert plain is not None
+    assert "forksafe.track(engine)" in plain
+
+
+def test_retries_log_one_short_line_each_and_never_repeat_a_packet_too_large(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A disconnect retried twice: the explanation once (WARNING), then one short INFO line
+    per retry. A statement over max_allowed_packet runs once: it would fail every time."""
+    import forksafe
+
+    errors.reset_reported()
+    caplog.set_level(logging.INFO, logger="forksafe")
+    calls = []
+
+    @forksafe.retry_on_disconnect(attempts=3, backoff=0.0)
+    def flaky() -> None:
+        calls.append(1)
+        raise MySQLdb.OperationalError(2013, "Lost connection to MySQL server during query")
+
+    with pytest.raises(MySQLdb.OperationalError):
+        flaky()
+    assert len(calls) == 3
+    lines = [r.getMessage() for r in caplog.records if r.name == "forksafe"]
+    assert sum("Likely cause" in line for line in lines) == 1, lines
+    retries = [line for line in lines if "retrying in" in line]
+    assert len(retries) == 2, lines
+    assert all(len(line) < 120 and not line.startswith("forksafe:") for line in retries), lines
+
+    calls.clear()
+    orig = MySQLdb.OperationalError(2006, "Server has gone away")
+
+    @forksafe.retry_on_disconnect(attempts=5, backoff=0.0)
+    def insert_blob() -> None:
+        calls.append(1)
+        raise sa_exc.OperationalError("INSERT INTO blobs VALUES (%s)", (b"x" * 2_000_000,), orig)
+
+    saved = errors._MAX_PACKET[0]
+    errors._MAX_PACKET[0] = 1_048_576
+    try:
+        with pytest.raises(sa_exc.OperationalError):
+            insert_blob()
+    finally:
+        errors._MAX_PACKET[0] = saved
+    assert len(calls) == 1
+    errors.reset_reported()
