@@ -10,11 +10,11 @@ finding is an error, 0 otherwise (2 for bad usage). Never prints a traceback or 
 from __future__ import annotations
 
 import argparse
-import configparser
 import gc
 import importlib
 import json
 import os
+import re
 import runpy
 import sys
 from dataclasses import asdict, dataclass
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["Finding", "add_arguments", "check_app", "check_gunicorn", "check_url",
-           "check_uwsgi", "run"]
+           "check_uwsgi", "read_uwsgi_ini", "run"]
 
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 SA_POOL_SIZE, SA_MAX_OVERFLOW = 5, 10  # SQLAlchemy's QueuePool defaults
@@ -43,9 +43,22 @@ class Context:
     """What the checks learn from each other (workers from a server config, etc.)."""
 
     workers: int | None = None
-    pool_size: int = SA_POOL_SIZE
-    max_overflow: int = SA_MAX_OVERFLOW
+    pool_size: int | None = None  # --pool-size / --max-overflow, when given
+    max_overflow: int | None = None
     secrets: tuple[str, ...] = ()
+    #: whether the server forks after loading the app (uWSGI without lazy-apps, gunicorn
+    #: preload_app): only then is what the app opened at import shared; None: unknown
+    forks_after_load: bool | None = None
+    #: where that was learned, for messages ("uwsgi.ini: lazy-apps")
+    fork_source: str = ""
+    threads: int | None = None  # threads per worker, from a server config
+    #: the server's worker timeout (gunicorn timeout, uWSGI harakiri) and where it is set
+    worker_timeout: tuple[int, str] | None = None
+    #: per engine found by --app: (URL, pool_size + max_overflow or None when unbounded,
+    #: connections it holds at import, tracked)
+    engines: list[tuple[str, int | None, int, bool]] | None = None
+    #: Django found by --app: {alias: (vendor, CONN_MAX_AGE)}
+    django: dict[str, tuple[str, Any]] | None = None
 
     def mask(self, text: str) -> str:
         """``text`` with every known password replaced, on one line."""
@@ -63,15 +76,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--app", metavar="MODULE[:ATTR]",
                         help="import this module and inspect the engines it opened")
     parser.add_argument("--workers", type=int, help="worker processes (default: from config)")
-    parser.add_argument("--pool-size", type=int, default=SA_POOL_SIZE)
-    parser.add_argument("--max-overflow", type=int, default=SA_MAX_OVERFLOW)
+    parser.add_argument("--threads", type=int,
+                        help="threads per worker (default: from config, else 1)")
+    parser.add_argument("--pool-size", type=int, default=None,
+                        help="pool_size per worker when --app is not given (default 5)")
+    parser.add_argument("--max-overflow", type=int, default=None,
+                        help="max_overflow per worker when --app is not given (default 10)")
     parser.add_argument("--json", action="store_true", help="print the findings as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run every check that was asked for, print the findings, return the exit status."""
     ctx = Context(workers=args.workers, pool_size=args.pool_size,
-                  max_overflow=args.max_overflow)
+                  max_overflow=args.max_overflow, threads=args.threads)
     findings: list[Finding] = []
     if not (args.url or args.gunicorn or args.uwsgi or args.app):
         print("forksafe doctor: nothing to check: pass --url, --gunicorn, --uwsgi or --app",
@@ -158,9 +175,9 @@ def check_url(url_text: str, ctx: Context) -> list[Finding]:
                         "check host, port, credentials and that the server is running")]
     findings: list[Finding] = []
     if backend == "postgresql":
-        findings += _pg_findings(shown, settings)
+        findings += _pg_findings(shown, settings, ctx)
     else:
-        findings += _mysql_findings(shown, settings)
+        findings += _mysql_findings(shown, settings, ctx)
     findings += _capacity_findings(shown, backend, settings, ctx)
     return findings
 
@@ -170,16 +187,45 @@ def _seconds(value: Any, unit: str | None) -> int:
     return number // 1000 if unit == "ms" else number
 
 
-def _mysql_findings(shown: str, s: dict[str, tuple[Any, Any]]) -> list[Finding]:
-    out = []
-    wait = int(s["wait_timeout"][0]) if "wait_timeout" in s else None
-    if wait is not None:
-        severity = "warning" if wait < 600 else "info"
+def _idle_finding(shown: str, name: str, secs: int, ctx: Context) -> list[Finding]:
+    """The server's idle limit: what it breaks, and advice that fits what --app found."""
+    what = (f"{shown}: {name} = {secs} s: the server drops connections idle longer than "
+            "that ('server has gone away' 2006/2013, 'server closed the connection')")
+    engines = ctx.engines or []
+    out: list[Finding] = []
+    if secs < 60:
         out.append(Finding(
-            severity, "url", f"{shown}: wait_timeout = {wait} s: the server drops connections "
-            f"idle longer than that ('MySQL server has gone away', 2006/2013)",
-            f"create_engine(..., pool_recycle={max(wait - 30, 1)}) or pool_pre_ping=True, "
-            "or forksafe's idle-aware liveness"))
+            "warning", "url", what + "; so short that pooled connections die between "
+            "requests", f"raise {name} on the server (e.g. 600, in its config file too); "
+            "meanwhile tracked engines retire idle connections at 90% of it"))
+    elif ctx.django:
+        out.append(Finding(
+            "warning" if secs < 600 else "info", "url", what,
+            f"keep CONN_MAX_AGE below {secs}; workers without HTTP (consumers, commands): "
+            "forksafe.django.unit_of_work() around each job"))
+    elif engines and all(tracked for _, _, _, tracked in engines):
+        out.append(Finding("info", "url", what + "; the tracked engine(s) found by --app "
+                           "retire idle connections before it (recycle='auto')"))
+    else:
+        out.append(Finding(
+            "warning" if secs < 600 else "info", "url", what,
+            "forksafe.track(engine) (retires idle connections before the limit, learned on "
+            f"connect), or create_engine(..., pool_recycle={secs - 30})"))
+    if ctx.worker_timeout is not None and ctx.worker_timeout[0] > secs:
+        timeout, where = ctx.worker_timeout
+        out.append(Finding(
+            "warning", "url", f"{where} = {timeout} s is longer than {name} = {secs} s: a "
+            f"request that keeps its connection idle longer than {secs} s (waiting on another "
+            "service, a slow computation) finds it dropped mid-request, where no pool check "
+            "can help", f"raise {name} above {timeout} s, or lower the worker timeout below "
+            f"{secs} s"))
+    return out
+
+
+def _mysql_findings(shown: str, s: dict[str, tuple[Any, Any]], ctx: Context) -> list[Finding]:
+    out = []
+    if "wait_timeout" in s:
+        out += _idle_finding(shown, "wait_timeout", int(s["wait_timeout"][0]), ctx)
     if "interactive_timeout" in s:
         out.append(Finding("info", "url", f"{shown}: interactive_timeout = "
                            f"{s['interactive_timeout'][0]} s (applies to clients that ask for "
@@ -189,26 +235,50 @@ def _mysql_findings(shown: str, s: dict[str, tuple[Any, Any]]) -> list[Finding]:
         if packet < 16 * 1024 * 1024:
             out.append(Finding(
                 "warning", "url", f"{shown}: max_allowed_packet = {packet} bytes: a larger "
-                "query or row makes the server close the connection (2006)",
-                "SET GLOBAL max_allowed_packet = 67108864 (and in the server config)"))
+                "statement makes the server close the connection (1153, or 2006 'server has "
+                "gone away'); sending it again fails the same way",
+                "SET GLOBAL max_allowed_packet = 67108864 (and in the server config), or "
+                "send large data in chunks"))
     return out
 
 
-def _pg_findings(shown: str, s: dict[str, tuple[Any, Any]]) -> list[Finding]:
+def _pg_findings(shown: str, s: dict[str, tuple[Any, Any]], ctx: Context) -> list[Finding]:
     out = []
     for name in ("idle_session_timeout", "idle_in_transaction_session_timeout"):
         if name in s:
             secs = _seconds(*s[name])
             if secs > 0:
-                out.append(Finding(
-                    "warning", "url", f"{shown}: {name} = {secs} s: the server ends sessions "
-                    "idle that long ('server closed the connection unexpectedly')",
-                    f"create_engine(..., pool_recycle={max(secs - 30, 1)}) or "
-                    "pool_pre_ping=True"))
+                out += _idle_finding(shown, name, secs, ctx)
     if "tcp_keepalives_idle" in s:
         out.append(Finding("info", "url", f"{shown}: tcp_keepalives_idle = "
                            f"{s['tcp_keepalives_idle'][0]} s"))
     return out
+
+
+def _per_worker(ctx: Context, backend: str) -> tuple[int, str]:
+    """Connections one worker may hold at once, and how that was worked out."""
+    threads = ctx.threads or 1
+    per_thread = f"{threads} thread(s) per worker"
+    if ctx.pool_size is not None or ctx.max_overflow is not None:
+        size = SA_POOL_SIZE if ctx.pool_size is None else ctx.pool_size
+        overflow = SA_MAX_OVERFLOW if ctx.max_overflow is None else ctx.max_overflow
+        return (min(size + overflow, threads),
+                f"min(pool_size {size} + max_overflow {overflow}, {per_thread})")
+    if ctx.engines:
+        parts, total = [], 0
+        for url, capacity, _held, _tracked in ctx.engines:
+            total += threads if capacity is None else min(capacity, threads)
+            shown = "unbounded" if capacity is None else str(capacity)
+            parts.append(f"{url} pool {shown}")
+        return total, f"engines ({'; '.join(parts)}), each capped by {per_thread}"
+    if ctx.django:
+        vendor = "postgresql" if backend == "postgresql" else "mysql"
+        aliases = [a for a, (v, _age) in ctx.django.items() if v == vendor] or list(ctx.django)
+        return (len(aliases) * threads,
+                f"Django aliases {', '.join(aliases)} x {per_thread}")
+    return (min(SA_POOL_SIZE + SA_MAX_OVERFLOW, threads),
+            f"min(SQLAlchemy's default pool_size {SA_POOL_SIZE} + max_overflow "
+            f"{SA_MAX_OVERFLOW}, {per_thread})")
 
 
 def _capacity_findings(shown: str, backend: str, s: dict[str, tuple[Any, Any]],
@@ -219,13 +289,17 @@ def _capacity_findings(shown: str, backend: str, s: dict[str, tuple[Any, Any]],
     if backend == "postgresql" and "superuser_reserved_connections" in s:
         limit -= int(s["superuser_reserved_connections"][0])
     workers = ctx.workers or 1
-    per_worker = ctx.pool_size + ctx.max_overflow
-    need = per_worker * workers
-    text = (f"{shown}: {workers} worker(s) x (pool_size {ctx.pool_size} + max_overflow "
-            f"{ctx.max_overflow}) = {need} connections; the server allows {limit}")
+    per_worker, how = _per_worker(ctx, backend)
+    master = 0
+    if ctx.forks_after_load is not False and ctx.engines:
+        master = sum(held for _, _, held, _ in ctx.engines)  # kept open by the parent
+    need = per_worker * workers + master
+    text = (f"{shown}: {workers} worker(s) x {per_worker} connection(s) [{how}]"
+            + (f" + {master} held by the master" if master else "")
+            + f" = {need} connections; the server allows {limit}")
     if need > limit:
         return [Finding("error", "url", text + ": under load, connects fail with 'Too many "
-                        "connections'", "lower pool_size/max_overflow or workers, or raise "
+                        "connections'", "lower the pools, threads or workers, or raise "
                         "max_connections")]
     if need > 0.8 * limit:
         return [Finding("warning", "url", text + " (over 80%, and other clients need some)",
@@ -251,7 +325,14 @@ def check_gunicorn(path_text: str, ctx: Context) -> list[Finding]:
         ctx.workers = workers
     hook = settings.get("post_fork")
     has_hook = hook is not None and getattr(hook, "__module__", "").startswith("forksafe")
-    if settings.get("preload_app"):
+    preload = bool(settings.get("preload_app"))
+    if ctx.forks_after_load is None:
+        ctx.forks_after_load = preload
+        ctx.fork_source = f"{path}: " + ("preload_app" if preload else "no preload_app")
+    if not preload:
+        out.append(Finding("info", "gunicorn", f"{path}: no preload_app: every worker loads "
+                           "the app after fork, so nothing it opens at import is shared"))
+    if preload:
         if has_hook:
             out.append(Finding("info", "gunicorn", f"{path}: preload_app with forksafe's "
                                "post_fork: workers get their own connections"))
@@ -262,10 +343,14 @@ def check_gunicorn(path_text: str, ctx: Context) -> list[Finding]:
                 "worker unless the app imports forksafe and tracks its engines",
                 "add `from forksafe.gunicorn import post_fork` (or @forksafe.gunicorn.chain)"))
     timeout = settings.get("timeout", 30)
+    if isinstance(timeout, int) and timeout > 0 and ctx.worker_timeout is None:
+        ctx.worker_timeout = (timeout, f"{path}: timeout")
     if timeout == 0:
         out.append(Finding("warning", "gunicorn", f"{path}: timeout = 0: a worker stuck on a "
                            "dead connection is never restarted", "set timeout = 30 (or more)"))
     threads = settings.get("threads", 1)
+    if isinstance(threads, int) and threads > 0 and ctx.threads is None:
+        ctx.threads = threads
     if isinstance(threads, int) and threads > 1:
         out.append(Finding("info", "gunicorn", f"{path}: threads = {threads}: each worker "
                            f"may check out up to {threads} connections at once; size "
@@ -278,31 +363,124 @@ def _truthy(value: str | None) -> bool:
     return value is not None and value.strip().lower() in ("", "1", "true", "yes", "on")
 
 
-def check_uwsgi(path_text: str, ctx: Context) -> list[Finding]:
-    """Loading and forking without a hook, master, lazy-apps, threads, harakiri."""
+class UwsgiIniError(Exception):
+    """A uWSGI ini file that cannot be read as uWSGI would read it."""
+
+
+#: uWSGI's spellings of "import this Python module" (all the same option).
+_IMPORT_OPTIONS = ("import", "pyimport", "py-import", "python-import")
+_SHARED_IMPORT_OPTIONS = tuple(f"shared-{name}" for name in _IMPORT_OPTIONS)
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_PLACEHOLDER = re.compile(r"%\(([^)]*)\)|%([dpsnec%])|\$\(([^)]*)\)")
+
+
+def read_uwsgi_ini(spec: str, _depth: int = 0) -> list[tuple[str, str]]:
+    """The options of a uWSGI ini file as uWSGI reads them: ``(name, value)`` in order.
+
+    ``spec`` is ``file.ini`` or ``file.ini:section`` (default section ``uwsgi``). As uWSGI
+    does: a value runs to the end of its line (``; text`` after it is part of the value, a
+    comma is not a separator), every repeated option applies, ``_`` in a name is ``-``,
+    ``%(option)``, ``%d``/``%p``/``%s``/``%n``/``%e``/``%c`` and ``$(ENV)`` are expanded, and
+    ``ini = other.ini[:section]`` is read in place.
+    """
+    path_text, _, section = spec.partition(":")
+    section = section or "uwsgi"
     path = Path(path_text)
-    parser = configparser.RawConfigParser(strict=False, comment_prefixes=(";", "#"),
-                                          inline_comment_prefixes=None)
     try:
-        with path.open() as fh:
-            parser.read_file(fh)
+        lines = path.read_text().splitlines()
     except OSError as exc:
-        return [Finding("error", "uwsgi", f"cannot read {path}: {exc.strerror}",
-                        "pass the path of an existing uWSGI .ini file")]
-    except configparser.Error as exc:
-        return [Finding("error", "uwsgi", f"{path} is not a valid ini file: "
-                        f"{str(exc).splitlines()[0]}", "fix the file's syntax")]
-    if not parser.has_section("uwsgi"):
-        return [Finding("error", "uwsgi", f"{path} has no [uwsgi] section",
-                        "uWSGI reads options from the [uwsgi] section")]
-    opts = {k.replace("_", "-"): v for k, v in parser.items("uwsgi")}
+        raise UwsgiIniError(f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise UwsgiIniError(f"{path} is not a text file") from exc
+    current: str | None = None
+    sections: set[str] = set()
+    options: list[tuple[str, str]] = []
+    for raw in lines:
+        line = raw.strip()
+        if not line or line[0] in ";#":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = line[1:-1].strip()
+            sections.add(current)
+            continue
+        if "=" not in line:
+            if current is None:
+                raise UwsgiIniError(f"{path} is not an ini file: a line outside any section")
+            continue
+        if current is None:
+            raise UwsgiIniError(f"{path} is not an ini file: an option outside any section")
+        if current != section:
+            continue
+        name, _, value = line.partition("=")
+        name = name.strip().replace("_", "-").lower()
+        value = _expand(value.strip(), path, options)
+        if name == "ini" and _depth < 8:
+            include = value  # relative to the working directory, as uWSGI reads it,
+            target = include.partition(":")[0]  # else to this file's directory
+            if not Path(target).is_absolute() and not Path(target).exists():
+                include = str(path.parent / include)
+            options += read_uwsgi_ini(include, _depth + 1)
+            continue
+        options.append((name, value))
+    if section not in sections:
+        raise UwsgiIniError(f"{path} has no [{section}] section")
+    return options
+
+
+def _expand(value: str, path: Path, options: list[tuple[str, str]]) -> str:
+    """uWSGI's placeholders in one value (unknown ones are left as they are)."""
+    resolved = path.resolve()
+    magic = {"d": str(resolved.parent) + "/", "p": str(resolved), "s": resolved.name,
+             "n": resolved.stem, "e": resolved.suffix, "c": resolved.parent.name, "%": "%"}
+
+    def one(match: re.Match[str]) -> str:
+        option, letter, env = match.groups()
+        if option is not None:
+            key = option.replace("_", "-").lower()
+            found = [v for k, v in options if k == key]
+            return found[-1] if found else match.group(0)
+        if letter is not None:
+            return magic[letter]
+        return os.environ.get(env, match.group(0))
+
+    return _PLACEHOLDER.sub(one, value)
+
+
+def check_uwsgi(path_text: str, ctx: Context) -> list[Finding]:
+    """Loading and forking without a hook, imports uWSGI cannot do, master, lazy-apps,
+    threads, harakiri."""
+    path = Path(path_text.partition(":")[0])
+    try:
+        options = read_uwsgi_ini(path_text)
+    except UwsgiIniError as exc:
+        fix = ("pass the path of an existing uWSGI .ini file" if str(exc).startswith("cannot")
+               else "uWSGI reads options from the [uwsgi] section (or file.ini:section)")
+        return [Finding("error", "uwsgi", str(exc), fix)]
+    opts: dict[str, str] = {}
+    for name, value in options:
+        opts[name] = value  # the last one, for single-valued options
     out: list[Finding] = []
     processes = opts.get("processes") or opts.get("workers") or "1"
     if processes.isdigit() and ctx.workers is None:
         ctx.workers = int(processes)
+    threads = opts.get("threads", "1")
+    if threads.isdigit() and ctx.threads is None:
+        ctx.threads = int(threads)
     lazy = any(name in opts and _truthy(opts[name]) for name in ("lazy-apps", "lazy"))
-    imports = " ".join(v for k, v in opts.items() if k in ("import", "shared-import"))
-    hooked = "forksafe.uwsgi" in imports or any(
+    if ctx.forks_after_load is None:
+        ctx.forks_after_load = not lazy
+        ctx.fork_source = f"{path}: " + ("lazy-apps" if lazy else "no lazy-apps")
+    imports = [(name, value) for name, value in options
+               if name in _IMPORT_OPTIONS + _SHARED_IMPORT_OPTIONS]
+    for name, value in imports:
+        if not _MODULE_NAME.fullmatch(value):
+            out.append(Finding(
+                "error", "uwsgi", f"{path}: `{name} = {value}`: uWSGI cannot import that "
+                f"(it takes the whole rest of the line as one module name and logs "
+                f"ModuleNotFoundError: No module named {value!r})",
+                "one module per line, with no comment after it: put a comment on a line of "
+                "its own"))
+    hooked = any(value == "forksafe.uwsgi" for _, value in imports) or any(
         name in opts and _truthy(opts[name])
         for name in ("py-call-osafterfork", "py-call-uwsgi-fork-hooks")
     )
@@ -315,9 +493,15 @@ def check_uwsgi(path_text: str, ctx: Context) -> list[Finding]:
         out.append(Finding(
             "error", "uwsgi", f"{path}: the app is loaded once and forked, and no forksafe "
             "hook runs in the workers (uWSGI forks in C: Python's at-fork hooks do not run)",
-            "add `import = forksafe.uwsgi` (or set lazy-apps = true)"))
+            "add a line `import = forksafe.uwsgi` (or set lazy-apps = true)"))
     else:
         out.append(Finding("info", "uwsgi", f"{path}: forksafe runs in every worker after fork"))
+    return out + _uwsgi_hygiene(path, opts, ctx)
+
+
+def _uwsgi_hygiene(path: Path, opts: dict[str, str], ctx: Context) -> list[Finding]:
+    """master, enable-threads, harakiri (and the worker timeout it sets for the URL check)."""
+    out: list[Finding] = []
     if not _truthy(opts.get("master")) or "master" not in opts:
         out.append(Finding(
             "warning", "uwsgi", f"{path}: no master: worker 1 is the original process, dead "
@@ -332,6 +516,8 @@ def check_uwsgi(path_text: str, ctx: Context) -> list[Finding]:
         out.append(Finding(
             "warning", "uwsgi", f"{path}: no harakiri: a request stuck on a dead database "
             "connection holds its worker forever", "set harakiri = 30 (seconds)"))
+    elif opts["harakiri"].isdigit() and int(opts["harakiri"]) > 0 and ctx.worker_timeout is None:
+        ctx.worker_timeout = (int(opts["harakiri"]), f"{path}: harakiri")
     return out
 
 
@@ -366,13 +552,21 @@ def check_app(spec: str, ctx: Context) -> list[Finding]:
         except Exception:
             open_ = False
         if open_ and not forksafe.is_tracked(obj):
-            conn_findings.append(Finding(
-                "error", "app", f"a {driver.name} connection is open at import and not "
-                "tracked: a fork shares it", "forksafe.track(conn) or forksafe.ProcessLocal"))
+            if ctx.forks_after_load is False:
+                conn_findings.append(Finding(
+                    "info", "app", f"a {driver.name} connection is open at import and not "
+                    f"tracked; not shared here ({ctx.fork_source}: each worker imports the "
+                    "app after fork), but it would be if the app were loaded before the fork",
+                    "forksafe.track(conn) or forksafe.ProcessLocal"))
+            else:
+                conn_findings.append(Finding(
+                    "error", "app", f"a {driver.name} connection is open at import and not "
+                    "tracked: a fork shares it", "forksafe.track(conn) or forksafe.ProcessLocal"))
     # _scan_gc() lists objects in the collector's order, which shifts with whatever the
     # import allocated; report engines (their pooled connections included) before stray
     # connections, each by severity, then by text.
     out = sorted(engine_findings, key=_finding_key) + sorted(conn_findings, key=_finding_key)
+    out += _django_findings(ctx)
     if not out:
         out.append(Finding("info", "app", f"{module_name}: no engine or connection at import"))
     gc.collect()
@@ -412,6 +606,15 @@ def _engine_finding(engine: Any, ctx: Context, pooled: set[int]) -> list[Finding
         if conn is not None:
             pooled.add(id(unwrap(conn)))
     tracked = forksafe.is_tracked(engine)
+    if ctx.engines is None:
+        ctx.engines = []
+    ctx.engines.append((url, _pool_capacity(pool), held, tracked))
+    if held and not tracked and ctx.forks_after_load is False:
+        return [Finding(
+            "info", "app", f"engine {url} has {held} connection(s) open at import and is not "
+            f"tracked; not shared here ({ctx.fork_source}: each worker imports the app after "
+            "fork), but they would be if the app were loaded before the fork",
+            "engine = forksafe.track(create_engine(...)) keeps it safe either way")]
     if held and not tracked:
         return [Finding(
             "error", "app", f"engine {url} has {held} connection(s) open at import and is "
@@ -424,3 +627,48 @@ def _engine_finding(engine: Any, ctx: Context, pooled: set[int]) -> list[Finding
         return [Finding("warning", "app", f"engine {url} is not tracked (no connection open "
                         "at import yet)", "forksafe.track() it anyway")]
     return [Finding("info", "app", f"engine {url} is tracked")]
+
+
+def _pool_capacity(pool: Any) -> int | None:
+    """The most connections ``pool`` opens at once: pool_size + max_overflow (QueuePool),
+    1 (SingletonThreadPool/StaticPool per thread), None when it has no bound (NullPool, or a
+    negative max_overflow)."""
+    size = getattr(pool, "size", None)
+    overflow = getattr(pool, "_max_overflow", None)
+    if callable(size) and isinstance(overflow, int):
+        if overflow < 0:
+            return None
+        return int(size()) + overflow
+    name = type(pool).__name__
+    if name in ("StaticPool", "SingletonThreadPool", "AssertionPool"):
+        return 1
+    return None
+
+
+def _django_findings(ctx: Context) -> list[Finding]:
+    """A Django project found by the import: its aliases, for the connection budget."""
+    conf = sys.modules.get("django.conf")
+    if conf is None:
+        return []
+    try:
+        settings = conf.settings
+        if not settings.configured:
+            return []
+        databases = dict(settings.DATABASES)
+    except Exception:  # settings that fail to load were reported by the import itself
+        return []
+    ctx.django = {}
+    for alias, config in databases.items():
+        engine = str(config.get("ENGINE", ""))
+        ctx.django[alias] = (engine.rsplit(".", 1)[-1], config.get("CONN_MAX_AGE", 0))
+    names = ", ".join(f"{alias} ({vendor}, CONN_MAX_AGE={age})"
+                      for alias, (vendor, age) in ctx.django.items())
+    out = [Finding("info", "app", f"Django project: database aliases {names}; each thread "
+                   "of each worker holds at most one connection per alias")]
+    if "forksafe.django" not in list(getattr(settings, "INSTALLED_APPS", [])):
+        severity = "info" if ctx.forks_after_load is False else "warning"
+        out.append(Finding(
+            severity, "app", "'forksafe.django' is not in INSTALLED_APPS: connections "
+            "opened before a fork (gunicorn preload_app, uWSGI without lazy-apps, Celery "
+            "prefork) are shared by the workers", "add 'forksafe.django' to INSTALLED_APPS"))
+    return out

@@ -40,10 +40,13 @@ def by_severity(findings: list[dict[str, Any]], severity: str) -> list[str]:
 
 
 def test_pool_capacity_against_mariadb_max_connections(mariadb: Any) -> None:
-    """workers x (pool_size + max_overflow) above max_connections is an error (exit 1);
-    the server's wait_timeout is reported with a pool_recycle fix."""
+    """workers x (pool_size + max_overflow, capped by threads) above max_connections is
+    an error (exit 1); the server's wait_timeout is reported with a pool_recycle fix."""
     url = mariadb.url("pymysql")
-    status, findings, _ = doctor("--url", url, "--workers", "100")
+    status, findings, out = doctor("--url", url, "--workers", "100")  # 1 thread: 1 each
+    assert status == 0, out
+    assert any("100 worker(s) x 1 connection(s)" in f["message"] for f in findings), out
+    status, findings, _ = doctor("--url", url, "--workers", "100", "--threads", "20")
     assert status == 1
     errors = by_severity(findings, "error")
     assert any("= 1500 connections; the server allows 1000" in e for e in errors), findings
@@ -62,7 +65,7 @@ def test_postgres_idle_timeout_and_capacity(postgres: Any) -> None:
     postgres.execute("ALTER DATABASE doctor_idle SET idle_session_timeout = '45s'",
                      database="postgres")
     url = postgres.url("psycopg2", database="doctor_idle")
-    status, findings, _ = doctor("--url", url, "--workers", "20")
+    status, findings, _ = doctor("--url", url, "--workers", "20", "--threads", "15")
     assert status == 1
     assert any("idle_session_timeout = 45 s" in m for m in by_severity(findings, "warning"))
     assert any("= 300 connections; the server allows 297" in m
@@ -195,3 +198,150 @@ def test_the_configs_we_ship_pass_the_doctor(args: tuple[str, str]) -> None:
     status, findings, out = doctor(*args)
     assert status == 0, out
     assert [f for f in findings if f["severity"] in ("warning", "error")] == [], out
+
+
+# -- uWSGI's ini, read as uWSGI reads it ---------------------------------------------------------
+UWSGI_CASES = [
+    # (ini spec, does uWSGI import forksafe.uwsgi, is a value unimportable)
+    ("uwsgi_import_comment.ini", False, True),
+    ("uwsgi_import_comma.ini", False, True),
+    ("uwsgi_pyimport.ini", True, False),
+    ("uwsgi_sections.ini:production", True, False),
+]
+
+
+@pytest.mark.parametrize(("spec", "hooked", "unimportable"), UWSGI_CASES)
+def test_uwsgi_imports_are_read_as_uwsgi_reads_them(spec: str, hooked: bool,
+                                                    unimportable: bool) -> None:
+    """A comment or a comma after `import =` is part of the value (uWSGI cannot import it:
+    an error, and forksafe does not run); pyimport is import; every import line applies;
+    %(option) placeholders, sections chosen by name and `ini =` includes are followed."""
+    status, findings, out = doctor("--uwsgi", spec)
+    runs = any("forksafe runs in every worker" in f["message"] for f in findings)
+    assert runs is hooked, out
+    cannot = [f for f in findings if "uWSGI cannot import" in f["message"]]
+    assert bool(cannot) is unimportable, out
+    for finding in cannot:
+        assert finding["severity"] == "error", out
+        assert "comment on a line of its own" in finding["fix"], out
+    assert status == (0 if hooked else 1), out
+
+
+@pytest.mark.servers
+@pytest.mark.parametrize(("spec", "hooked", "unimportable"), UWSGI_CASES)
+def test_real_uwsgi_agrees_with_the_doctor(spec: str, hooked: bool, unimportable: bool,
+                                           tmp_path: Path) -> None:
+    """The same files under the real uWSGI: it imports forksafe.uwsgi exactly when the
+    doctor says forksafe runs, and logs ModuleNotFoundError exactly when it says uWSGI
+    cannot import a value."""
+    from forksafe.testing.servers import HarnessError, find_uwsgi
+
+    try:
+        uwsgi = find_uwsgi()
+    except HarnessError as exc:
+        pytest.skip(str(exc))
+    marker = tmp_path / "imported"
+    (tmp_path / "app.py").write_text(
+        "import os, sys\n"
+        "with open(os.environ['PROBE_MARKER'], 'w') as fh:\n"
+        "    fh.write(str('forksafe.uwsgi' in sys.modules))\n"
+        "raise RuntimeError('probe: stop here')\n"
+    )
+    env = {**os.environ, "PROBE_MARKER": str(marker),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    done = subprocess.run(
+        [uwsgi, "--ini", spec, "--need-app", "--http-socket", "127.0.0.1:0",
+         "--pythonpath", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=False, cwd=FILES, env=env,
+    )
+    log = done.stdout + done.stderr
+    assert marker.read_text() == str(hooked), log
+    assert ("ModuleNotFoundError" in log) is unimportable, log
+
+
+def test_lazy_or_no_preload_makes_an_untracked_engine_at_import_no_error(mariadb: Any) -> None:
+    """Whether the server forks after loading the app decides: with lazy-apps, or gunicorn
+    without preload_app, an untracked engine open at import is shared by nobody (info, exit
+    0); with uWSGI loading once and forking it is an error."""
+    mariadb.execute("SELECT 1")
+    env = {"DATABASE_URL": mariadb.url("pymysql")}
+    for config in (("--uwsgi", "uwsgi_lazy.ini"), ("--gunicorn", "gunicorn_nopreload.conf.py")):
+        status, findings, out = doctor(*config, "--app", "untracked_app", env=env)
+        assert status == 0, out
+        assert by_severity(findings, "error") == [], out
+        engine = next(f for f in findings if f["message"].startswith("engine "))
+        assert engine["severity"] == "info", out
+        assert "not shared here" in engine["message"], out
+    status, findings, out = doctor("--uwsgi", "uwsgi_pyimport.ini", "--app", "untracked_app",
+                                   env=env)
+    assert status == 1, out
+    assert any("a fork shares them" in m for m in by_severity(findings, "error")), out
+
+
+def test_connection_budget_uses_the_apps_pools_threads_and_the_master(mariadb: Any) -> None:
+    """The budget is what the app's engines can open (pool_size 2 + max_overflow 0), capped
+    by threads per worker, plus what the master keeps: 4 single-threaded workers need 4 + 1,
+    not 4 x (5 + 10) = 60, against max_connections = 25."""
+    server = _private_mariadb("--max-connections=25")
+    try:
+        url = server.url("pymysql")
+        server.execute("SELECT 1")
+        env = {"DATABASE_URL": url}
+        status, findings, out = doctor("--uwsgi", "uwsgi_pyimport.ini", "--workers", "4",
+                                       "--app", "small_pool_app", "--url", url, env=env)
+        assert status == 1, out  # the untracked engine is shared: that is its own error
+        budget = next(f for f in findings if "connections; the server allows" in f["message"])
+        assert "4 worker(s) x 1 connection(s)" in budget["message"], out
+        assert "+ 1 held by the master = 5 connections; the server allows 25" in \
+            budget["message"], out
+        assert budget["severity"] == "info", out
+        _status, findings, out = doctor("--workers", "4", "--threads", "8", "--app",
+                                       "small_pool_app", "--url", url, env=env)
+        budget = next(f for f in findings if "connections; the server allows" in f["message"])
+        assert "4 worker(s) x 2 connection(s)" in budget["message"], out
+    finally:
+        server.cleanup()
+
+
+def _private_mariadb(*options: str) -> Any:
+    from tests.conftest import start_mariadb
+
+    server = start_mariadb(*options)
+    server.execute("CREATE DATABASE IF NOT EXISTS forksafe", database="")
+    return server
+
+
+def test_idle_limit_advice_a_person_would_follow(tmp_path: Path) -> None:
+    """wait_timeout = 3: raise it (no pool_recycle=1); a tracked engine gets no pool_recycle
+    advice; a gunicorn timeout or uWSGI harakiri longer than the idle limit is a warning."""
+    server = _private_mariadb("--wait-timeout=3")
+    try:
+        url = server.url("pymysql")
+        status, findings, out = doctor("--url", url)
+        idle = next(f for f in findings if "wait_timeout = 3 s" in f["message"])
+        assert "pool_recycle" not in idle["fix"], out
+        assert "raise wait_timeout" in idle["fix"], out
+        status, findings, out = doctor("--url", url, "--uwsgi", "uwsgi_pyimport.ini")
+        late = [f for f in findings if "harakiri = 30 s is longer than wait_timeout = 3 s"
+                in f["message"]]
+        assert len(late) == 1, out
+        assert late[0]["severity"] == "warning", out
+    finally:
+        server.cleanup()
+    server = _private_mariadb("--wait-timeout=300")
+    try:
+        url = server.url("pymysql")
+        env = {"DATABASE_URL": url}
+        status, findings, out = doctor("--url", url, env=env)
+        idle = next(f for f in findings if "wait_timeout = 300 s" in f["message"])
+        assert "pool_recycle=270" in idle["fix"], out
+        status, findings, out = doctor("--app", "tracked_app", "--url", url, env=env)
+        assert status == 0, out
+        idle = next(f for f in findings if "wait_timeout = 300 s" in f["message"])
+        assert "pool_recycle" not in idle["fix"], out
+        assert idle["severity"] == "info", out
+        assert "tracked engine(s)" in idle["message"], out
+        _status, findings, out = doctor("--url", url, "--gunicorn", "gunicorn_nopreload.conf.py")
+        assert not any("is longer than wait_timeout" in f["message"] for f in findings), out
+    finally:
+        server.cleanup()
