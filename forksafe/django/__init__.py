@@ -1,11 +1,20 @@
 """Django integration: ``"forksafe.django"`` in ``INSTALLED_APPS``.
 
 After a fork, in the child (gunicorn ``preload_app`` workers, uWSGI workers with
-``import = forksafe.uwsgi``, multiprocessing, Celery prefork), every database alias's
-inherited connection is neutralised (its socket replaced so nothing the child does can
-reach the parent's session) and dropped, so the child opens its own; the parent keeps its
-connections. Django 5.1+'s PostgreSQL pool (``OPTIONS["pool"]``) is dropped the same way
-and recreated on first use.
+``import = forksafe.uwsgi``, multiprocessing, Celery prefork), every database connection
+Django opened in the parent, in any thread, is neutralised (its socket replaced so nothing
+the child does can reach the parent's session), and the forking thread's aliases drop
+theirs, so the child opens its own; the parent keeps its connections. Django 5.1+'s
+PostgreSQL pool (``OPTIONS["pool"]``) is dropped the same way and recreated on first use.
+
+How: on ``connection_created`` each new DBAPI connection is added to forksafe's registry,
+so the core's fork handling protects it like any tracked connection (held across the fork,
+neutralised by the one neutralise function), whichever thread's ``connections`` it lives
+in. The same signal asks the server its idle limit, once per server connection (a pooled
+connection is asked at its first checkout only), leaving its transaction state untouched.
+
+A child forked inside ``transaction.atomic()`` gets a new connection *outside* the block:
+what it writes commits on its own. forksafe logs a warning in such a child.
 
 For workers that serve no HTTP (a queue consumer, a management command, a scheduler),
 wrap each unit of work in `unit_of_work` (a context manager and a decorator): it does what
@@ -19,14 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
-import threading
 import time
 import weakref
 from collections.abc import Callable
 from contextlib import ContextDecorator
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 try:
     import django  # noqa: F401 - the install hint below is for this import
@@ -37,13 +46,15 @@ except ImportError as _err:  # pragma: no cover - exercised by users without Dja
         "forksafe.django requires Django: pip install 'forksafe[django]'"
     ) from _err
 
-from forksafe import _fork, _sockets
+from forksafe import _fork
 from forksafe import retry as _retry
 from forksafe._idle_limit import DEFAULT_IDLE_CHECK, RETIRE_FRACTION, server_idle_limit
+from forksafe._registry import REGISTRY, ConnectionEntry
 from forksafe.drivers import find_driver, unwrap
 
 __all__ = [
     "DEFAULT_IDLE_CHECK",
+    "UnitOfWork",
     "install",
     "reset_connections_in_child",
     "retry_on_disconnect",
@@ -54,39 +65,74 @@ logger = logging.getLogger("forksafe")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-
-# Per connection wrapper: (id of the DBAPI connection, when the last unit of work ended)
-# and (id of the DBAPI connection, the server's idle limit in seconds). Keyed weakly by the
-# wrapper; the id ties an entry to one DBAPI connection, so a reconnect invalidates it.
-_LAST_USED: weakref.WeakKeyDictionary[Any, tuple[int, float]] = weakref.WeakKeyDictionary()
-_LIMITS: weakref.WeakKeyDictionary[Any, tuple[int, float]] = weakref.WeakKeyDictionary()
-_STATE_LOCK = threading.Lock()
+# Keyed weakly by the driver's connection (one server connection; with Django's pool the
+# same object comes back at every checkout): the server's idle limit (None: it has none,
+# or it could not be read), and when the last unit of work on it ended. No lock: each use
+# is one get, set or pop of a dict (atomic), never an iteration, and nothing here can be
+# found half-done by a forked child.
+_LIMITS: weakref.WeakKeyDictionary[Any, float | None] = weakref.WeakKeyDictionary()
+_LAST_USED: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 # Old objects a child must never finalise (unknown drivers, pools whose threads are gone).
 _ORPHANS: list[Any] = []
 _INSTALLED = False
+_UNSET: Any = object()
 
 
 # -- fork ----------------------------------------------------------------------------------
-def _neutralise(raw: Any) -> None:
+def _track(raw: Any, origin: str, pid: int) -> None:
+    """Add a DBAPI connection to forksafe's registry (a no-op if it is there already)."""
     conn = unwrap(raw)
     driver = find_driver(conn)
     if driver is None:
-        _ORPHANS.append(conn)  # cannot neutralise it: at least never let it be finalised
         return
-    try:
-        fd = driver.socket_fd(conn)
-    except Exception:  # already closed: nothing shared any more
-        return
-    if fd is not None:
-        _sockets.neutralise_fd(fd)
+    REGISTRY.add_connection(conn, ConnectionEntry(driver=driver, pid=pid, origin=origin))
+
+
+def _postgresql_pools() -> dict[str, Any]:
+    """Django 5.1+ keeps psycopg pools on the PostgreSQL wrapper class, by alias."""
+    module = sys.modules.get("django.db.backends.postgresql.base")
+    pools = getattr(getattr(module, "DatabaseWrapper", None), "_connection_pools", None)
+    return pools if isinstance(pools, dict) else {}
+
+
+def track_inherited_in_child() -> None:
+    """Add to the registry, as inherited, what ``connection_created`` did not see.
+
+    Runs in a child before forksafe's reset, so that the reset neutralises these too: a
+    connection opened before ``forksafe.django`` was installed, and the idle connections of
+    Django's PostgreSQL pools (opened by the pool, never checked out).
+    """
+    parent = _fork.current_pid()  # still the parent's pid: the reset has not run yet
+    for wrapper in connections.all(initialized_only=True):
+        if wrapper.connection is not None:
+            _track(wrapper.connection, f"Django alias {wrapper.alias!r}", parent)
+    for alias, pool in list(_postgresql_pools().items()):
+        for conn in list(getattr(pool, "_pool", ())):
+            _track(conn, f"Django pool {alias!r}", parent)
+
+
+def _warn_forked_in_atomic(wrapper: Any) -> None:
+    logger.warning(
+        "forksafe: process %d was forked inside transaction.atomic() on database alias %r. "
+        "The transaction stays the parent's; this process gets a new connection outside "
+        "any atomic block, so what it writes commits on its own and is kept even if the "
+        "parent's block rolls back. Fork outside atomic(), or give the child only work "
+        "that may commit independently.",
+        os.getpid(), wrapper.alias,
+    )
 
 
 def _drop(wrapper: Any) -> None:
-    """Forget an inherited connection without a byte on the wire (child only)."""
+    """Forget an inherited connection without a byte on the wire (child only).
+
+    Its socket was neutralised by forksafe's reset (the registry had it); the object is
+    kept alive anyway, so no finaliser of an unknown driver can run.
+    """
     raw = wrapper.connection
     if raw is not None:
-        _neutralise(raw)
-        _ORPHANS.append(raw)  # its socket is a dummy now; keep finalisers quiet anyway
+        if wrapper.in_atomic_block:
+            _warn_forked_in_atomic(wrapper)
+        _ORPHANS.append(raw)
     wrapper.connection = None
     wrapper.in_atomic_block = False
     wrapper.savepoint_ids = []
@@ -96,28 +142,22 @@ def _drop(wrapper: Any) -> None:
     wrapper.run_on_commit = []
     wrapper.errors_occurred = False
     wrapper.health_check_done = False
-    _LAST_USED.pop(wrapper, None)
-    _LIMITS.pop(wrapper, None)
 
 
 def _drop_postgresql_pools() -> None:
-    """Django 5.1+ keeps psycopg pools on the PostgreSQL wrapper class; drop inherited ones."""
-    module = sys.modules.get("django.db.backends.postgresql.base")
-    pools = getattr(getattr(module, "DatabaseWrapper", None), "_connection_pools", None)
-    if not pools:
-        return
+    """Forget inherited pools: their worker threads did not survive the fork; never close."""
+    pools = _postgresql_pools()
     for alias, pool in list(pools.items()):
-        for conn in list(getattr(pool, "_pool", ())):
-            _neutralise(conn)
-        _ORPHANS.append(pool)  # its worker threads did not survive the fork: never close it
+        _ORPHANS.append(pool)
         pools.pop(alias, None)
 
 
 def reset_connections_in_child() -> None:
-    """Neutralise and drop every alias's inherited connection (run by forksafe's reset).
+    """Drop every alias's inherited connection, and the PostgreSQL pools (after the reset).
 
-    Safe to call in any process: in the parent it would drop live connections, so it is
-    only registered as an after-fork callback, which runs in children only.
+    The sockets themselves were neutralised by forksafe's reset. Safe to call in any
+    process: in the parent it would drop live connections, so it is only registered as an
+    after-fork callback, which runs in children only.
     """
     for wrapper in connections.all(initialized_only=True):
         try:
@@ -130,29 +170,36 @@ def reset_connections_in_child() -> None:
         _fork.report_internal_error(exc, "dropping Django's PostgreSQL connection pools")
 
 
-# -- idle limit --------------------------------------------------------------------------
+# -- on connect --------------------------------------------------------------------------
 def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
-    """Ask the server its idle limit once per new connection (no cost per unit of work)."""
+    """Track the new DBAPI connection; ask its idle limit once per server connection."""
     raw = connection.connection
+    if raw is None:
+        return
+    if raw in _LIMITS:  # a pooled connection checked out again: known already
+        return
     try:
-        # no rollback: Django set the connection's autocommit mode before this signal
-        limit = server_idle_limit(connection.vendor, raw, rollback=False)
+        _track(raw, f"Django alias {connection.alias!r}", os.getpid())
+    except Exception as exc:  # never fail a connect over forksafe's bookkeeping
+        _fork.report_internal_error(exc, f"tracking Django connection {connection.alias!r}")
+    limit: float | None = None
+    try:
+        limit = server_idle_limit(connection.vendor, raw)
     except Exception as exc:  # never fail a connect over an optimisation
         logger.debug("forksafe: could not read the idle limit of %r: %r", connection.alias, exc)
-        return
-    if limit is not None:
-        with _STATE_LOCK:
-            _LIMITS[connection] = (id(raw), limit)
+    with contextlib.suppress(TypeError):  # a connection that cannot be weakly referenced
+        _LIMITS[raw] = limit
 
 
 def install() -> None:
-    """Register forksafe's after-fork reset and idle-limit probe (idempotent).
+    """Register forksafe's after-fork reset and the connect-time tracking (idempotent).
 
     Runs on import of ``forksafe.django`` (and so from ``INSTALLED_APPS``).
     """
     global _INSTALLED  # noqa: PLW0603 - a once-only flag
     if _INSTALLED:
         return
+    _fork.register_child_callback(track_inherited_in_child, phase=_fork.BEFORE_RESET)
     _fork.register_child_callback(reset_connections_in_child)
     connection_created.connect(
         _on_connection_created, weak=False, dispatch_uid="forksafe.django.idle_limit"
@@ -168,19 +215,25 @@ def _close(wrapper: Any) -> None:
         wrapper.connection = None
 
 
+def _lookup(table: weakref.WeakKeyDictionary[Any, Any], raw: Any) -> Any:
+    try:
+        return table.get(raw)
+    except TypeError:  # a connection that cannot be weakly referenced (sqlite3)
+        return None
+
+
 def _retire_idle(idle_check: float | None) -> None:
     now = time.monotonic()
     for wrapper in connections.all(initialized_only=True):
         raw = wrapper.connection
         if raw is None or wrapper.in_atomic_block:
             continue
-        with _STATE_LOCK:
-            used = _LAST_USED.get(wrapper)
-            limit = _LIMITS.get(wrapper)
-        if used is None or used[0] != id(raw):
+        used = _lookup(_LAST_USED, raw)
+        if used is None:
             continue
-        idle = now - used[1]
-        if limit is not None and limit[0] == id(raw) and idle >= limit[1] * RETIRE_FRACTION:
+        idle = now - used
+        limit = _lookup(_LIMITS, raw)
+        if limit is not None and idle >= limit * RETIRE_FRACTION:
             logger.debug("forksafe: %r idle %.1fs, past the server's limit; closing it",
                          wrapper.alias, idle)
             _close(wrapper)
@@ -191,35 +244,19 @@ def _retire_idle(idle_check: float | None) -> None:
 def _stamp() -> None:
     now = time.monotonic()
     for wrapper in connections.all(initialized_only=True):
-        if wrapper.connection is not None:
-            with _STATE_LOCK:
-                _LAST_USED[wrapper] = (id(wrapper.connection), now)
+        raw = wrapper.connection
+        if raw is not None:
+            with contextlib.suppress(TypeError):  # cannot be weakly referenced
+                _LAST_USED[raw] = now
 
 
-class unit_of_work(ContextDecorator):  # noqa: N801 - used like a function
-    """Around one job of a non-HTTP worker: what Django does around a request, and more.
-
-    ::
-
-        for message in consumer:
-            with forksafe.django.unit_of_work():
-                handle(message)
-
-    or ``@forksafe.django.unit_of_work()`` on the handler. Before the job: connections that
-    sat idle past 90% of the server's idle limit (learned on connect) are closed, ones idle
-    over ``idle_check`` seconds are checked (``is_usable()``) and closed if dead, then
-    Django's ``close_old_connections()`` (``CONN_MAX_AGE``, errors) runs. After the job:
-    ``close_old_connections()`` again, and the idle clock starts.
-
-    Args:
-        idle_check: seconds of idleness after which a connection is checked before use;
-            None checks only against the server's idle limit.
-    """
+class UnitOfWork(ContextDecorator):
+    """What `unit_of_work` returns: a context manager that is also a decorator."""
 
     def __init__(self, idle_check: float | None = DEFAULT_IDLE_CHECK) -> None:
         self.idle_check = idle_check
 
-    def __enter__(self) -> unit_of_work:
+    def __enter__(self) -> UnitOfWork:
         _retire_idle(self.idle_check)
         close_old_connections()
         return self
@@ -232,6 +269,51 @@ class unit_of_work(ContextDecorator):  # noqa: N801 - used like a function
     ) -> None:
         close_old_connections()
         _stamp()
+
+
+@overload
+def unit_of_work(fn: F, /) -> F: ...
+@overload
+def unit_of_work(idle_check: float | None = DEFAULT_IDLE_CHECK, /) -> UnitOfWork: ...
+@overload
+def unit_of_work(*, idle_check: float | None = DEFAULT_IDLE_CHECK) -> UnitOfWork: ...
+
+
+def unit_of_work(fn_or_idle_check: Any = _UNSET, /, *, idle_check: Any = _UNSET) -> Any:
+    """Around one job of a non-HTTP worker: what Django does around a request, and more.
+
+    ::
+
+        for message in consumer:
+            with forksafe.django.unit_of_work():
+                handle(message)
+
+    or ``@forksafe.django.unit_of_work`` (with or without parentheses) on the handler.
+    Before the job: connections that sat idle past 90% of the server's idle limit (learned
+    on connect) are closed, ones idle over ``idle_check`` seconds are checked
+    (``is_usable()``) and closed if dead, then Django's ``close_old_connections()``
+    (``CONN_MAX_AGE``, errors) runs. After the job: ``close_old_connections()`` again, and
+    the idle clock starts.
+
+    Args:
+        idle_check: seconds of idleness after which a connection is checked before use
+            (default 10); None checks only against the server's idle limit.
+
+    Returns:
+        A `UnitOfWork` (``with`` it, or decorate with it); given a function (the bare
+        decorator), that function wrapped.
+    """
+    if callable(fn_or_idle_check):  # the bare decorator: @unit_of_work
+        if idle_check is not _UNSET:
+            raise TypeError("unit_of_work(fn, idle_check=...): use "
+                            "@unit_of_work(idle_check=...) to set idle_check")
+        return UnitOfWork()(fn_or_idle_check)
+    if fn_or_idle_check is not _UNSET and idle_check is not _UNSET:
+        raise TypeError("unit_of_work() got idle_check twice")
+    for given in (fn_or_idle_check, idle_check):
+        if given is not _UNSET:
+            return UnitOfWork(given)
+    return UnitOfWork()
 
 
 def _close_broken() -> None:
