@@ -4,7 +4,7 @@ integrations; imports neither).
 The probe leaves no trace on the connection: its transaction state afterwards is exactly
 what it was before, whatever the autocommit mode and isolation level.
 
-* MySQL/MariaDB: ``SELECT @@session.wait_timeout`` reads no table, so it neither starts a
+* MySQL/MariaDB: ``SELECT @@session.wait_timeout, @@max_allowed_packet`` reads no table, so it neither starts a
   transaction nor takes a snapshot (InnoDB takes a REPEATABLE READ snapshot at the first
   read of a table), in autocommit mode or not; a failed statement does not end or abort
   a transaction there. Nothing to undo.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from forksafe import errors
 from forksafe.drivers import unwrap
 
 __all__ = ["DEFAULT_IDLE_CHECK", "RETIRE_FRACTION", "server_idle_limit"]
@@ -59,7 +60,9 @@ def _ask(dbapi_connection: Any, sql: str) -> Any:
 def server_idle_limit(backend: str, dbapi_connection: Any) -> float | None:
     """The server's idle limit for this session in seconds, or None if it has none.
 
-    MySQL/MariaDB: ``@@session.wait_timeout``. PostgreSQL: ``idle_session_timeout`` (14+;
+    MySQL/MariaDB: ``@@session.wait_timeout`` (``max_allowed_packet`` comes in the same
+    query and goes to `forksafe.errors.note_max_allowed_packet`, so that a statement too
+    large is not mistaken for an idle timeout). PostgreSQL: ``idle_session_timeout`` (14+;
     0 means off), one round trip plus, outside autocommit mode, a rollback of the
     transaction the query opened. The connection's transaction state is left as it was
     (see the module docstring); on PostgreSQL a connection that is not idle (a transaction
@@ -75,7 +78,9 @@ def server_idle_limit(backend: str, dbapi_connection: Any) -> float | None:
         it was found, a PostgreSQL transaction the query aborted is rolled back).
     """
     if backend in ("mysql", "mariadb"):
-        row = _ask(dbapi_connection, "SELECT @@session.wait_timeout")
+        row = _ask(dbapi_connection, "SELECT @@session.wait_timeout, @@max_allowed_packet")
+        if row and len(row) > 1:
+            errors.note_max_allowed_packet(row[1])
         scale = 1.0
     elif backend == "postgresql":
         if _pg_transaction_status(dbapi_connection) != _PQTRANS_IDLE:

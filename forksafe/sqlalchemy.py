@@ -226,7 +226,8 @@ class EngineAdapter:
             connection_record.info[_IDLE_SINCE] = time.monotonic()
 
     def _on_error(self, context: Any) -> None:
-        original = context.original_exception
+        # SQLAlchemy's error carries the statement: its size tells a packet too large
+        original = context.sqlalchemy_exception or context.original_exception
         kind = errors.classify(original)
         if kind is None:
             return
