@@ -4,10 +4,10 @@ integrations; imports neither).
 The probe leaves no trace on the connection: its transaction state afterwards is exactly
 what it was before, whatever the autocommit mode and isolation level.
 
-* MySQL/MariaDB: ``SELECT @@session.wait_timeout, @@max_allowed_packet`` reads no table, so it neither starts a
-  transaction nor takes a snapshot (InnoDB takes a REPEATABLE READ snapshot at the first
-  read of a table), in autocommit mode or not; a failed statement does not end or abort
-  a transaction there. Nothing to undo.
+* MySQL/MariaDB: ``SELECT @@session.wait_timeout, @@max_allowed_packet`` reads no table, so
+  it neither starts a transaction nor takes a snapshot (InnoDB takes a REPEATABLE READ
+  snapshot at the first read of a table), in autocommit mode or not; a failed statement
+  does not end or abort a transaction there. Nothing to undo.
 * PostgreSQL: a query outside autocommit mode opens a transaction (and, under REPEATABLE
   READ or SERIALIZABLE, its snapshot), and a failed one leaves it aborted. So the probe
   runs only on an idle connection (the driver's transaction status, no round trip), and if
