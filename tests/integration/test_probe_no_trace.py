@@ -60,10 +60,15 @@ def probes_logged(server: Any, since: int) -> int:
 
 # -- Django ----------------------------------------------------------------------------------
 @pytest.mark.postgres
-def test_django_pg_autocommit_off_repeatable_read_sees_later_commits(pg: Any) -> None:
-    """AUTOCOMMIT=False, REPEATABLE READ: a row another session commits after connect is
-    seen, as in plain Django (the probe took no snapshot), and the connection is idle."""
-    common = ("--scenario", "visibility", "--port", pg.port, "--no-autocommit")
+@pytest.mark.parametrize("isolation", ["repeatable read", "serializable"])
+def test_django_pg_autocommit_off_repeatable_read_sees_later_commits(
+    pg: Any, isolation: str
+) -> None:
+    """AUTOCOMMIT=False, REPEATABLE READ (and SERIALIZABLE): a row another session commits
+    after connect is seen, as in plain Django (the probe took no snapshot), and the
+    connection is idle."""
+    common = ("--scenario", "visibility", "--port", pg.port, "--no-autocommit",
+              "--isolation", isolation)
     plain = run(*common, "--protect", 0, "--table", "vis_plain")
     safe = run(*common, "--protect", 1, "--table", "vis_safe")
     assert plain["count"] == 1, plain
@@ -73,12 +78,13 @@ def test_django_pg_autocommit_off_repeatable_read_sees_later_commits(pg: Any) ->
 
 
 @pytest.mark.mariadb
+@pytest.mark.parametrize("isolation", ["repeatable read", "serializable"])
 def test_django_mariadb_autocommit_off_repeatable_read_sees_later_commits(
-    mariadb: Any,
+    mariadb: Any, isolation: str
 ) -> None:
-    """The same on MariaDB (mysqlclient, autocommit=0, REPEATABLE READ)."""
+    """The same on MariaDB (mysqlclient, autocommit=0, REPEATABLE READ and SERIALIZABLE)."""
     common = ("--scenario", "visibility", "--vendor", "mysql", "--port", mariadb.port,
-              "--no-autocommit")
+              "--no-autocommit", "--isolation", isolation)
     plain = run(*common, "--protect", 0, "--table", "vis_plain")
     safe = run(*common, "--protect", 1, "--table", "vis_safe")
     assert (plain["count"], plain["state_after_connect"]) == (1, 0), plain

@@ -2,7 +2,8 @@
 
 Scenarios (each prints one JSON object):
 
-``visibility``: ``AUTOCOMMIT=False`` and REPEATABLE READ. Django connects; another session
+``visibility``: ``AUTOCOMMIT=False`` and REPEATABLE READ (or ``--isolation``). Django
+connects; another session
 then commits a row; Django counts the rows. Plain Django sees it (count 1): its transaction,
 and so its snapshot, starts with its first query. Reports the driver's transaction state
 right after connect too.
@@ -29,7 +30,7 @@ def settings_for(args: argparse.Namespace) -> dict[str, Any]:
 
         options: dict[str, Any] = {}
         if args.scenario == "visibility":
-            options["isolation_level"] = IsolationLevel.REPEATABLE_READ
+            options["isolation_level"] = IsolationLevel[args.isolation.upper().replace(" ", "_")]
         if args.scenario == "pool":
             options["pool"] = {"min_size": args.pool_size, "max_size": args.pool_size,
                                "timeout": 30}
@@ -41,7 +42,7 @@ def settings_for(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "ENGINE": "django.db.backends.mysql", "HOST": "127.0.0.1", "PORT": args.port,
         "USER": "root", "PASSWORD": "", "NAME": "forksafe",
-        "OPTIONS": {"isolation_level": "repeatable read"},
+        "OPTIONS": {"isolation_level": args.isolation},
         "AUTOCOMMIT": not args.no_autocommit,
     }
 
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--user", default="postgres")
     parser.add_argument("--protect", type=int, default=1)
     parser.add_argument("--no-autocommit", action="store_true")
+    parser.add_argument("--isolation", default="repeatable read")
     parser.add_argument("--table", default="probe_rows")
     parser.add_argument("--checkouts", type=int, default=20)
     parser.add_argument("--pool-size", type=int, default=4)
