@@ -3,10 +3,9 @@
 Scenarios (each prints one JSON object):
 
 ``visibility``: ``AUTOCOMMIT=False`` and REPEATABLE READ (or ``--isolation``). Django
-connects; another session
-then commits a row; Django counts the rows. Plain Django sees it (count 1): its transaction,
-and so its snapshot, starts with its first query. Reports the driver's transaction state
-right after connect too.
+connects; another session then commits a row; Django counts the rows. Plain Django sees it
+(count 1): its transaction, and so its snapshot, starts with its first query. Reports the
+driver's transaction state right after connect too.
 
 ``pool``: Django 5.1+'s PostgreSQL pool, ``--checkouts`` requests (connect, query, close:
 back to the pool) over the ``--pool-size`` server connections of a full pool. Reports each request's
