@@ -8,8 +8,8 @@ connects; another session then commits a row; Django counts the rows. Plain Djan
 driver's transaction state right after connect too.
 
 ``pool``: Django 5.1+'s PostgreSQL pool, ``--checkouts`` requests (connect, query, close:
-back to the pool) over the ``--pool-size`` server connections of a full pool. Reports each request's
-backend pid; the test counts the probes in the server's statement log.
+back to the pool) over the ``--pool-size`` server connections of a full pool. Reports each
+request's backend pid; the test counts the probes in the server's statement log.
 
 ``denied``: PostgreSQL, a role that cannot read ``pg_settings``, so the probe fails.
 Reports the transaction state after connect and whether the application's first query
