@@ -16,21 +16,36 @@ Invariants:
   `internal_errors()` (the test suite asserts that list is empty).
 * **Two threads of a child may race** to reset (a fork no hook saw, detected at checkout by
   two threads at once). ``_RESET_LOCK`` serialises them and the second finds the pid
-  already current. If ``_RESET_LOCK`` was itself held across a fork no hook saw, the
-  acquire times out and the child replaces it; see ``_registry`` for the same argument.
+  already current. It is a `forksafe._state.ForkLock`, like every lock fork-time code takes.
+* **Nothing inherited is freed before it is neutralised.** The before-fork hook takes strong
+  references to every connection forksafe knows of (the registry's, and whatever other
+  modules register with `forksafe._state.register_hold_source`); the child drops them only
+  after the reset, the parent right after the fork. See ``forksafe._state``.
+* **One neutralise.** Every path that lets go of an inherited connection (the reset, the
+  untracked-connection check of ``instrument()``, integrations) calls `neutralise`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
-from collections import deque
 from collections.abc import Callable
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from forksafe import _sockets
-from forksafe._registry import LOCK_TIMEOUT, REGISTRY, ConnectionEntry
+from forksafe._registry import REGISTRY, ConnectionEntry
+from forksafe._state import (
+    PROCESS,
+    ForkLock,
+    current_pid,
+    hold_for_fork,
+    internal_errors,
+    register_hold_source,
+    reinit_locks,
+    release_holds,
+    report_internal_error,
+)
+from forksafe.drivers import find_driver, unwrap
 
 __all__ = [
     "AFTER_RESET",
@@ -38,25 +53,18 @@ __all__ = [
     "after_fork",
     "current_pid",
     "internal_errors",
+    "neutralise",
     "register_child_callback",
+    "register_hold_source",
     "report_internal_error",
     "unregister_child_callback",
 ]
 
 logger = logging.getLogger("forksafe")
 
-
-class _State:
-    __slots__ = ("pid", "resets")
-
-    def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.resets = 0
-
-
-_STATE = _State()
-_RESET_LOCK = threading.Lock()
-_INTERNAL_ERRORS: deque[BaseException] = deque(maxlen=100)
+_STATE = PROCESS  # the pid and the count of resets (kept under this name for tests)
+_RESET_LOCK = ForkLock("reset")
+register_hold_source(REGISTRY.connections_to_hold)
 
 #: Child callbacks that run before forksafe resets the tracked objects (forksafe._instrument's
 #: report of untracked connections, which must see them as inherited).
@@ -69,6 +77,10 @@ Phase = Literal["before_reset", "after_reset"]
 # Plain lists, copied before iteration: registration happens at import time, not
 # concurrently with forks.
 _CHILD_CALLBACKS: dict[Phase, list[Callable[[], object]]] = {BEFORE_RESET: [], AFTER_RESET: []}
+
+# Inherited objects the child could not neutralise: kept alive for ever, so that at least no
+# destructor of theirs runs (mysqlclient's sends COM_QUIT).
+_ORPHANS: list[Any] = []
 
 
 def register_child_callback(fn: Callable[[], object], *, phase: Phase = AFTER_RESET) -> None:
@@ -103,25 +115,6 @@ def _run_child_callbacks(phase: Phase) -> None:
             report_internal_error(exc, f"the {phase.replace('_', '-')} callback {callback!r}")
 
 
-def current_pid() -> int:
-    """The pid whose connections forksafe considers current (cheap; no syscall)."""
-    return _STATE.pid
-
-
-def internal_errors() -> list[BaseException]:
-    """Errors that fork-time code caught and logged instead of raising, in this process."""
-    return list(_INTERNAL_ERRORS)
-
-
-def report_internal_error(exc: BaseException, what: str = "") -> None:
-    """Log an error that must not reach the host server, and remember it for tests."""
-    _INTERNAL_ERRORS.append(exc)
-    if what:
-        logger.error("forksafe: %s failed in pid %d: %r", what, os.getpid(), exc, exc_info=exc)
-    else:
-        logger.error("%s", exc)
-
-
 def after_fork() -> bool:
     """Make this process's tracked connections its own, if it is a child that was not reset.
 
@@ -134,10 +127,11 @@ def after_fork() -> bool:
     pid = os.getpid()
     if pid == _STATE.pid:
         return False
-    global _RESET_LOCK  # noqa: PLW0603 - replaced only when a fork stranded it (see above)
-    if not _RESET_LOCK.acquire(timeout=LOCK_TIMEOUT):
-        _RESET_LOCK = threading.Lock()
-        _RESET_LOCK.acquire()
+    try:
+        token = _RESET_LOCK.acquire()
+    except BaseException as exc:  # pragma: no cover - defensive: never raise into the host
+        report_internal_error(exc, "taking the reset lock")
+        return False
     try:
         if pid == _STATE.pid:
             return False
@@ -150,17 +144,13 @@ def after_fork() -> bool:
         _STATE.pid = pid
         return True
     finally:
-        _RESET_LOCK.release()
+        ForkLock.release(token)
 
 
 def _reset(pid: int) -> None:
     _run_child_callbacks(BEFORE_RESET)
     inherited, engines = REGISTRY.take_inherited(pid)
-    for conn, entry in inherited:
-        try:
-            neutralise(conn, entry)
-        except Exception as exc:
-            report_internal_error(exc, f"neutralising an inherited {entry.driver.name} socket")
+    neutralised = sum(neutralise(conn, entry) for conn, entry in inherited)
     for adapter in engines:
         try:
             adapter.reset_in_child()
@@ -169,46 +159,81 @@ def _reset(pid: int) -> None:
     _run_child_callbacks(AFTER_RESET)
     if inherited or engines:
         logger.debug(
-            "forksafe: pid %d reset %d engine(s), neutralised %d inherited connection(s)",
+            "forksafe: pid %d reset %d engine(s), neutralised %d of %d inherited "
+            "connection(s) (the others had no open socket)",
             pid,
             len(engines),
+            neutralised,
             len(inherited),
         )
 
 
-def neutralise(conn: object, entry: ConnectionEntry) -> bool:
-    """Point an inherited connection's socket at a dummy so the child cannot write to it."""
+def neutralise(conn: object, entry: ConnectionEntry | None = None) -> bool:
+    """Point an inherited connection's socket at a dummy so the child cannot write to it.
+
+    The one function every path that lets go of an inherited connection calls. Never
+    raises: a failure is reported (`report_internal_error`) and the object is kept alive
+    for good, so that at least its destructor never runs.
+
+    Args:
+        conn: a DBAPI connection (or one of SQLAlchemy's wrappers of it).
+        entry: its registry entry, if tracked: gives the driver and the identity of the
+            socket recorded when it was tracked.
+
+    Returns:
+        True if a socket was replaced; False if there was nothing to replace (the driver
+        says the connection is closed, or its descriptor number now belongs to something
+        else) or it could not be done (reported).
+    """
+    raw = unwrap(conn)
+    driver = entry.driver if entry is not None else find_driver(raw)
+    name = driver.name if driver is not None else type(raw).__qualname__
     try:
-        fd = entry.driver.socket_fd(conn)
-    except Exception:  # a closed connection: nothing is shared any more
+        if driver is None:
+            _ORPHANS.append(raw)
+            logger.warning("forksafe: pid %d inherited a %s connection of no known driver: "
+                           "kept alive, never closed", os.getpid(), name)
+            return False
+        fd = driver.socket_fd(raw)
+        if fd is None:  # the driver says it is closed: nothing is shared any more
+            return False
+        expected = entry.socket if entry is not None else None
+        if expected is not None:
+            actual = _sockets.socket_identity(fd)
+            if actual != expected:
+                logger.warning(
+                    "forksafe: pid %d left descriptor %d alone: the inherited %s connection "
+                    "reports it as its socket, but it is now %s (the connection's own "
+                    "socket was closed and the number reused)",
+                    os.getpid(), fd, name,
+                    "closed" if actual is None else "another socket",
+                )
+                return False
+        return _sockets.neutralise_fd(fd)
+    except Exception as exc:
+        _ORPHANS.append(raw)
+        report_internal_error(exc, f"neutralising an inherited {name} connection's socket "
+                                   "(it is kept alive, never closed)")
         return False
-    if fd is None:
-        return False
-    return _sockets.neutralise_fd(fd)
 
 
 def _before_fork() -> None:
-    try:
-        REGISTRY.before_fork()
-    except Exception as exc:  # pragma: no cover - defensive: never break os.fork()
-        report_internal_error(exc, "taking the registry lock before fork")
+    hold_for_fork()  # never raises; takes no lock, so nothing can delay the fork
 
 
 def _after_fork_in_parent() -> None:
-    try:
-        REGISTRY.after_fork_in_parent()
-    except Exception as exc:  # pragma: no cover
-        report_internal_error(exc, "releasing the registry lock after fork")
+    release_holds()
 
 
 def _after_fork_in_child() -> None:
-    global _RESET_LOCK  # noqa: PLW0603 - the child is single-threaded here
     try:
-        REGISTRY.after_fork_in_child()
-        _RESET_LOCK = threading.Lock()
+        reinit_locks()  # single-threaded here: every forksafe lock becomes a fresh one
         after_fork()
     except BaseException as exc:  # pragma: no cover - after_fork never raises
         report_internal_error(exc, "the at-fork hook")
+    finally:
+        # only now, with every inherited socket neutralised, may the objects be freed
+        release_holds()
 
 
 def install_os_hooks() -> None:
@@ -218,3 +243,4 @@ def install_os_hooks() -> None:
         after_in_parent=_after_fork_in_parent,
         after_in_child=_after_fork_in_child,
     )
+

@@ -41,7 +41,6 @@ import importlib.machinery
 import logging
 import os
 import sys
-import threading
 import time
 import types
 import warnings
@@ -52,6 +51,7 @@ from typing import Any
 
 from forksafe import _fork
 from forksafe._registry import REGISTRY, ConnectionEntry
+from forksafe._state import ForkLock, weak_keys
 from forksafe.drivers import find_driver, unwrap
 from forksafe.exceptions import ForkSafetyWarning, UntrackedConnectionError
 
@@ -90,7 +90,8 @@ class ConnectionInfo:
         pid: the process that opened it.
         origin: how it came to forksafe (``track()``, an engine URL with the password
             masked, or ``file:line`` of its creation when instrumented).
-        state: ``open``, ``closed``, or ``inherited`` (opened by another process).
+        state: ``open``, ``closed``, ``inherited`` (opened by another process), or
+            ``unknown`` (the driver could not tell).
         tracked: whether forksafe protects it.
     """
 
@@ -111,7 +112,7 @@ class _Config:
 
 
 _CONFIG = _Config()
-_LOCK = threading.RLock()
+_LOCK = ForkLock("instrument", reentrant=True)
 # Weak records of what was created while instrumented: object -> Origin.
 _SEEN: weakref.WeakKeyDictionary[Any, Origin] = weakref.WeakKeyDictionary()
 # How to undo each patch, in the order they were made (undone in reverse).
@@ -230,8 +231,8 @@ def _state(conn: Any, owner: int, pid: int) -> str:
     driver = find_driver(conn)
     try:
         fd = driver.socket_fd(conn) if driver is not None else None
-    except Exception:
-        fd = None
+    except Exception:  # the driver could not tell: not "closed" (see Driver.socket_fd)
+        return "unknown"
     if fd is None:
         return "closed"
     return "inherited" if owner != pid else "open"
@@ -559,17 +560,11 @@ def _child_check() -> None:
 
 
 def _protect(obj: Any) -> str:
-    driver = find_driver(obj)
-    if driver is not None:
-        entry = ConnectionEntry(driver=driver, pid=-1, origin="untracked")
-        done = _fork.neutralise(obj, entry)
+    if find_driver(obj) is not None:
+        done = _fork.neutralise(obj)
         return ("its socket was neutralised: using it fails at once, the parent's session "
                 "is untouched" if done else "it had no open socket")
-    neutralised = 0
-    for conn in _engine_inherited_connections(obj):
-        driver = find_driver(conn)
-        if driver is not None and _fork.neutralise(conn, ConnectionEntry(driver, -1, "")):
-            neutralised += 1
+    neutralised = sum(_fork.neutralise(conn) for conn in _engine_inherited_connections(obj))
     obj.dispose(close=False)
     return (f"its {neutralised} pooled connection(s) were neutralised and it got a fresh "
             "pool")
@@ -593,4 +588,10 @@ def _poison(obj: Any, description: str) -> None:
                 break
 
 
+def _records_to_hold() -> list[Any]:
+    """Everything recorded while instrumented, held strongly across each fork (no lock)."""
+    return weak_keys(_SEEN)
+
+
 _fork.register_child_callback(_child_check, phase=_fork.BEFORE_RESET)
+_fork.register_hold_source(_records_to_hold)

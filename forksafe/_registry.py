@@ -11,32 +11,29 @@ Everything is held weakly: tracking never keeps a connection or an engine alive.
 
 Concurrency invariant: every read or write of the two maps happens under ``_lock``, and
 ``snapshot()`` copies them out so that no caller iterates a live ``WeakKeyDictionary`` (a
-garbage collection during iteration would otherwise change its size). The lock is the one
-piece of state a fork can break:
+garbage collection during iteration would otherwise change its size). ``_lock`` is a
+`forksafe._state.ForkLock`: a child never finds it held by a thread that did not survive
+the fork. Every update of a map is one operation on a dict, which a fork cannot split, so
+the lock is not held across ``os.fork``: nothing another thread does can delay a fork. The
+before-fork hook takes strong references to every tracked connection
+(`connections_to_hold`), so that none is freed in the child before it is neutralised.
 
-1. thread A of the parent holds ``_lock`` inside ``add_connection``;
-2. thread B calls ``fork()``; the child is a copy with ``_lock`` held, but without thread A;
-3. the child's first ``snapshot()`` blocks forever.
-
-So ``os.fork`` (through the at-fork hooks in ``_fork``) takes the lock before the fork and
-the child gets a fresh one. Forks no Python hook sees (uWSGI forks in C) cannot be guarded
-that way: there ``acquire`` has a timeout, and a child that times out replaces the lock
-(the holder cannot exist in the child) and reports `ChildDeadlockedError` in the log.
+Each connection's entry records the identity of its socket (``st_dev``/``st_ino``) when it
+is tracked, so that a child never replaces a descriptor number that has since been reused
+for something else (see ``forksafe._fork.neutralise``).
 """
 
 from __future__ import annotations
 
-import os
-import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from forksafe._sockets import socket_identity
+from forksafe._state import LOCK_TIMEOUT, ForkLock, weak_keys
 from forksafe.drivers import Driver
 
-__all__ = ["REGISTRY", "ConnectionEntry", "Registry", "Resettable"]
-
-LOCK_TIMEOUT = 5.0
+__all__ = ["LOCK_TIMEOUT", "REGISTRY", "ConnectionEntry", "Registry", "Resettable"]
 
 
 class Resettable(Protocol):
@@ -51,122 +48,94 @@ class Resettable(Protocol):
 
 @dataclass
 class ConnectionEntry:
-    """What forksafe knows of one DBAPI connection."""
+    """What forksafe knows of one DBAPI connection.
+
+    ``socket`` is the identity (``st_dev``, ``st_ino``) of the connection's socket when it
+    was tracked; `Registry.add_connection` fills it in. None: not known (no socket then).
+    """
 
     driver: Driver
     pid: int
     origin: str
     owner: Any = None  # the engine adapter that opened it; None for track(conn)
+    socket: tuple[int, int] | None = None
+
+
+def record_socket(conn: Any, entry: ConnectionEntry) -> None:
+    """Fill in ``entry.socket`` from the connection's current descriptor, if it has one."""
+    if entry.socket is not None:
+        return
+    try:
+        fd = entry.driver.socket_fd(conn)
+    except Exception:  # not knowable now; neutralise reports its own failure
+        return
+    if fd is not None:
+        entry.socket = socket_identity(fd)
 
 
 class Registry:
     """Weak maps of tracked connections and engines, safe to use from many threads."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = ForkLock("registry")
         self._connections: weakref.WeakKeyDictionary[Any, ConnectionEntry] = (
             weakref.WeakKeyDictionary()
         )
         self._engines: weakref.WeakKeyDictionary[Any, Resettable] = weakref.WeakKeyDictionary()
-        self._held_for_fork = False
 
-    # -- locking -------------------------------------------------------------------------
-    def _acquire(self) -> None:
-        if not self._lock.acquire(timeout=LOCK_TIMEOUT):
-            # Only a child of a fork no hook saw can get here (see the module docstring).
-            from forksafe._fork import report_internal_error
-            from forksafe.exceptions import ChildDeadlockedError
+    # -- fork ----------------------------------------------------------------------------
+    def connections_to_hold(self) -> list[Any]:
+        """Strong references to every tracked connection (the before-fork hook's list).
 
-            report_internal_error(
-                ChildDeadlockedError(
-                    f"forksafe's registry lock was held across a fork (pid {os.getpid()}); "
-                    "replacing it. Import forksafe.uwsgi or call forksafe.after_fork() in "
-                    "your server's post-fork hook so the fork is seen."
-                )
-            )
-            self._lock = threading.Lock()
-            self._lock.acquire()
-
-    def before_fork(self) -> None:
-        """Hold the lock across ``os.fork`` so the child never inherits it mid-update."""
-        self._held_for_fork = self._lock.acquire(timeout=LOCK_TIMEOUT)
-
-    def after_fork_in_parent(self) -> None:
-        """Release what `before_fork` took."""
-        if self._held_for_fork:
-            self._held_for_fork = False
-            self._lock.release()
-
-    def after_fork_in_child(self) -> None:
-        """The child is single-threaded here: a fresh lock is always correct."""
-        self._held_for_fork = False
-        self._lock = threading.Lock()
+        Takes no lock, so that nothing another thread holds can delay a fork.
+        """
+        return weak_keys(self._connections)
 
     # -- connections ---------------------------------------------------------------------
     def add_connection(self, conn: Any, entry: ConnectionEntry) -> None:
         """Track ``conn`` (weakly). A second add keeps the first entry."""
-        self._acquire()
-        try:
+        record_socket(conn, entry)
+        with self._lock:
             self._connections.setdefault(conn, entry)
-        finally:
-            self._lock.release()
 
     def discard_connection(self, conn: Any) -> bool:
         """Stop tracking ``conn``; return whether it was tracked."""
-        self._acquire()
-        try:
+        with self._lock:
             return self._connections.pop(conn, None) is not None
-        finally:
-            self._lock.release()
 
     def discard_owner(self, owner: Any) -> int:
         """Stop tracking every connection opened by ``owner``; return how many."""
-        self._acquire()
-        try:
+        with self._lock:
             mine = [c for c, e in list(self._connections.items()) if e.owner is owner]
             for conn in mine:
                 self._connections.pop(conn, None)
             return len(mine)
-        finally:
-            self._lock.release()
 
     def connection_entry(self, conn: Any) -> ConnectionEntry | None:
         """The entry of ``conn``, if tracked."""
-        self._acquire()
-        try:
+        with self._lock:
             return self._connections.get(conn)
-        finally:
-            self._lock.release()
 
     # -- engines -------------------------------------------------------------------------
     def add_engine(self, engine: Any, adapter: Resettable) -> bool:
         """Track ``engine`` with its adapter; False if it was already tracked."""
-        self._acquire()
-        try:
+        with self._lock:
             if engine in self._engines:
                 return False
             self._engines[engine] = adapter
             return True
-        finally:
-            self._lock.release()
 
     def pop_engine(self, engine: Any) -> Resettable | None:
         """Stop tracking ``engine``; return its adapter if it was tracked."""
-        self._acquire()
-        try:
+        with self._lock:
             return self._engines.pop(engine, None)
-        finally:
-            self._lock.release()
 
     def is_engine_tracked(self, engine: Any) -> bool:
         """Whether ``engine`` is tracked."""
-        self._acquire()
-        try:
+        with self._lock:
             return engine in self._engines
-        finally:
-            self._lock.release()
 
-    # -- fork ----------------------------------------------------------------------------
+    # -- after a fork --------------------------------------------------------------------
     def take_inherited(
         self, pid: int
     ) -> tuple[list[tuple[Any, ConnectionEntry]], list[Resettable]]:
@@ -174,23 +143,17 @@ class Registry:
 
         Called in a child after a fork: the connections returned are the inherited ones.
         """
-        self._acquire()
-        try:
+        with self._lock:
             inherited = [(c, e) for c, e in list(self._connections.items()) if e.pid != pid]
             for conn, _ in inherited:
                 self._connections.pop(conn, None)
             engines = list(self._engines.values())
-        finally:
-            self._lock.release()
         return inherited, engines
 
     def snapshot(self) -> tuple[list[tuple[Any, ConnectionEntry]], list[tuple[Any, Resettable]]]:
         """Copies of both maps, for reporting."""
-        self._acquire()
-        try:
+        with self._lock:
             return list(self._connections.items()), list(self._engines.items())
-        finally:
-            self._lock.release()
 
 
 REGISTRY = Registry()

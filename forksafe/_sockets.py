@@ -25,7 +25,24 @@ import os
 import socket
 import stat
 
-__all__ = ["neutralise_fd"]
+__all__ = ["neutralise_fd", "socket_identity"]
+
+
+def socket_identity(fd: int) -> tuple[int, int] | None:
+    """The identity (``st_dev``, ``st_ino``) of the socket behind ``fd``; None if ``fd`` is
+    not an open socket.
+
+    A descriptor *number* can be reused: once the driver's socket is closed (a server that
+    went away, say) the next ``socket()``/``pipe()``/``open()`` gets the same number. The
+    identity tells the connection's own socket from whatever took its number since.
+    """
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    if not stat.S_ISSOCK(st.st_mode):
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def neutralise_fd(fd: int) -> bool:

@@ -33,9 +33,10 @@ from __future__ import annotations
 import logging
 import re
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+from forksafe._state import ForkLock
 
 __all__ = [
     "ErrorClass",
@@ -661,7 +662,7 @@ def _innermost_message(exc: BaseException) -> str:
 
 
 _REPORTED: set[str] = set()
-_REPORTED_LOCK = threading.Lock()
+_REPORTED_LOCK = ForkLock("error report")
 
 
 def report(exc: BaseException, where: str = "", level: int = logging.WARNING) -> ErrorClass | None:

@@ -98,3 +98,41 @@ def test_no_descriptor_leak_over_repeated_forks(mariadb: Any) -> None:
     # a child holds the parent's descriptors (one of them now a dummy) plus its own new
     # connection: never more than a couple more than the parent
     assert max(child_counts) <= parent_counts[0] + 2, (child_counts, parent_counts)
+
+
+THREAD_SCRIPT = Path(__file__).parent / "scripts" / "thread_fork_scenario.py"
+
+
+def run_thread_scenario(server: Any, *, hold: str, fork: str) -> dict:
+    """Run thread_fork_scenario.py (a worker thread's connection, the main thread forks)."""
+    cmd = [sys.executable, str(THREAD_SCRIPT), "--port", str(server.port), "--hold", hold,
+           "--fork", fork]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, f"scenario crashed: {done.stderr[-2000:]}"
+    report: dict = json.loads(done.stdout)
+    return report
+
+
+@pytest.mark.parametrize("fork", ["os", "multiprocessing"])
+@pytest.mark.parametrize("hold", ["local", "process_local", "instrument"])
+def test_connection_held_by_another_thread_survives_fork(
+    mariadb: Any, hold: str, fork: str
+) -> None:
+    """A connection only a worker thread references (a ``threading.local``, a per-thread
+    ``ProcessLocal``, or instrumented) survives a fork made by the main thread.
+
+    In the child, CPython frees the other threads' state before any at-fork hook runs, so
+    the connection is finalised there (mysqlclient sends COM_QUIT) unless forksafe holds it
+    across the fork. The control, nothing tracked, shows the server's ``Quit`` and the
+    worker's 2013.
+    """
+    bare = run_thread_scenario(mariadb, hold="none", fork=fork)
+    assert mariadb.quit_logged(bare["before_id"]), "control: the child did not quit"
+    assert "2013" in bare.get("error", ""), bare
+
+    safe = run_thread_scenario(mariadb, hold=hold, fork=fork)
+    assert "error" not in safe, safe
+    assert safe["after_id"] == safe["before_id"], safe
+    assert not mariadb.quit_logged(safe["before_id"]), "a Quit reached the worker's session"
+    assert safe["child_status"] == 0
+    assert safe["internal_errors"] == []

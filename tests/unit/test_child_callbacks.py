@@ -23,7 +23,7 @@ def test_callbacks_run_in_child_and_a_failing_one_is_contained() -> None:
     _fork.register_child_callback(good)
     _fork.register_child_callback(good)  # twice is a no-op
     try:
-        result = run_in_child(lambda: {
+        result = run_in_child(allow_internal_errors=True, fn=lambda: {
             "ran": ran,
             "pid": os.getpid(),
             "errors": [repr(e) for e in _fork.internal_errors()],

@@ -1,0 +1,214 @@
+"""The one home of fork-time state: the current pid, internal errors, locks and fork holds.
+
+Everything here is safe to find in any state in a forked child, and imports nothing else of
+forksafe but its exceptions, so every other module may import it (no cycles).
+
+* **The current pid** (`current_pid`): the pid whose connections forksafe considers its
+  own. ``forksafe._fork`` writes it as the last step of a reset.
+* **Internal errors** (`report_internal_error`, `internal_errors`): fork-time code never
+  raises into the host server; what it caught is logged and kept here for tests.
+* **Fork-aware locks** (`ForkLock`): every lock that fork-time code can take. A fork copies a
+  lock in whatever state it is; a lock held by another thread at the moment of ``fork()`` is
+  held for ever in the child, where that thread does not exist. Each `ForkLock` is replaced
+  by a fresh one in the child by the ``os.register_at_fork`` child hook (`reinit_locks`),
+  where the child is still single-threaded. For a fork no Python hook saw (uWSGI forks in
+  C, ``fork(2)`` called through ctypes), an ``acquire`` in a process other than the lock's
+  own waits `LOCK_TIMEOUT` seconds, then replaces the lock (its holder cannot exist here)
+  and reports `ChildDeadlockedError`. The lock released is always the very object acquired,
+  even when another thread replaced it meanwhile.
+* **Fork holds** (`hold_for_fork`, `release_holds`): strong references to every connection
+  forksafe knows of, taken in the parent just before ``fork()``. In the child, CPython frees
+  the states of the threads that did not fork (and their ``threading.local`` data) *before*
+  any at-fork hook runs; a connection held only there would be finalised (mysqlclient sends
+  ``COM_QUIT`` from its destructor) before forksafe could neutralise its socket. Held here,
+  it survives until the child has neutralised it; the parent drops the hold right after
+  the fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any
+
+from forksafe.exceptions import ChildDeadlockedError
+
+__all__ = [
+    "LOCK_TIMEOUT",
+    "ForkLock",
+    "current_pid",
+    "hold_for_fork",
+    "internal_errors",
+    "register_hold_source",
+    "reinit_locks",
+    "release_holds",
+    "report_internal_error",
+    "weak_keys",
+]
+
+logger = logging.getLogger("forksafe")
+
+#: Seconds a child of a fork no hook saw waits for a lock before it replaces it.
+LOCK_TIMEOUT = 5.0
+
+
+class _Process:
+    __slots__ = ("pid", "resets")
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.resets = 0
+
+
+PROCESS = _Process()
+_INTERNAL_ERRORS: deque[BaseException] = deque(maxlen=100)
+
+
+def current_pid() -> int:
+    """The pid whose connections forksafe considers current (cheap; no syscall)."""
+    return PROCESS.pid
+
+
+def internal_errors() -> list[BaseException]:
+    """Errors that fork-time code caught and logged instead of raising, in this process."""
+    return list(_INTERNAL_ERRORS)
+
+
+def report_internal_error(exc: BaseException, what: str = "") -> None:
+    """Log an error that must not reach the host server, and remember it for tests."""
+    _INTERNAL_ERRORS.append(exc)
+    if what:
+        logger.error("forksafe: %s failed in pid %d: %r", what, os.getpid(), exc, exc_info=exc)
+    else:
+        logger.error("%s", exc)
+
+
+# -- locks ------------------------------------------------------------------------------------
+_LOCKS: weakref.WeakSet[ForkLock] = weakref.WeakSet()
+
+
+class ForkLock:
+    """A lock (optionally re-entrant) that a forked child can always take.
+
+    Use it as ``with lock:``, or ``token = lock.acquire()`` ... ``lock.release(token)``.
+    See the module docstring for how it survives a fork.
+
+    Args:
+        name: what the lock guards, for the message when a child has to replace it.
+        reentrant: an ``RLock`` rather than a ``Lock``.
+    """
+
+    __slots__ = ("__weakref__", "_factory", "_fresh", "_held", "_lock", "_name", "_pid")
+
+    def __init__(self, name: str, *, reentrant: bool = False) -> None:
+        self._name = name
+        self._factory: Callable[[], Any] = threading.RLock if reentrant else threading.Lock
+        self._lock: Any = self._factory()
+        self._pid = os.getpid()
+        # pid -> the replacement every thread of that process agrees on (dict.setdefault is
+        # atomic), so two threads that time out together take the same new lock
+        self._fresh: dict[int, Any] = {}
+        self._held = threading.local()  # per thread: the stack of objects `with` acquired
+        _LOCKS.add(self)
+
+    def acquire(self) -> Any:
+        """Take the lock; return the token (the lock object taken) to give to `release`."""
+        lock = self._lock
+        if lock.acquire(timeout=LOCK_TIMEOUT):
+            return lock
+        while True:
+            pid = os.getpid()
+            if pid != self._pid:
+                # A fork no hook saw: the holder may be a thread that does not exist here.
+                fresh = self._fresh.setdefault(pid, self._factory())
+                if self._lock is lock:
+                    self._lock = fresh
+                    self._pid = pid
+                    for other in [p for p in self._fresh if p != pid]:
+                        self._fresh.pop(other, None)
+                    report_internal_error(ChildDeadlockedError(
+                        f"forksafe's {self._name} lock was held across a fork (pid {pid}); "
+                        "replacing it. Import forksafe.uwsgi or call forksafe.after_fork() "
+                        "in your server's post-fork hook so the fork is seen."
+                    ))
+            lock = self._lock
+            if lock.acquire(timeout=LOCK_TIMEOUT):
+                return lock
+
+    @staticmethod
+    def release(token: Any) -> None:
+        """Release what `acquire` returned (the very lock taken, even if since replaced)."""
+        token.release()
+
+    def __enter__(self) -> ForkLock:
+        token = self.acquire()
+        stack = getattr(self._held, "stack", None)
+        if stack is None:
+            stack = self._held.stack = []
+        stack.append(token)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._held.stack.pop().release()
+
+    def _reinit(self) -> None:
+        self._lock = self._factory()
+        self._pid = os.getpid()
+        self._fresh = {}
+
+
+def reinit_locks() -> None:
+    """Give every `ForkLock` a fresh, free lock (the at-fork child hook; single-threaded).
+
+    A ``with`` block of the forking thread that was inside a lock at fork time still
+    releases the object it took, which is harmless.
+    """
+    for lock in list(_LOCKS):
+        lock._reinit()
+
+
+# -- fork holds -------------------------------------------------------------------------------
+_HOLD_SOURCES: list[Callable[[], Iterable[Any]]] = []
+_HOLDS: list[Any] = []
+
+
+def weak_keys(mapping: weakref.WeakKeyDictionary[Any, Any]) -> list[Any]:
+    """The live keys of a ``WeakKeyDictionary``, without a lock and without iterating it.
+
+    One ``dict.copy()`` of its underlying dict of weak references is atomic in CPython, so
+    no other thread's update can break it (iterating the mapping itself could).
+    """
+    refs: dict[Any, Any] = vars(mapping)["data"]
+    return [key for ref in refs.copy() if (key := ref()) is not None]
+
+
+def register_hold_source(source: Callable[[], Iterable[Any]]) -> None:
+    """Add a function listing objects to keep alive across each fork (idempotent)."""
+    if source not in _HOLD_SOURCES:
+        _HOLD_SOURCES.append(source)
+
+
+def hold_for_fork() -> None:
+    """Take strong references to what every source lists (the before-fork hook)."""
+    held: list[Any] = []
+    for source in list(_HOLD_SOURCES):
+        try:
+            held.extend(source())
+        except Exception as exc:  # never break os.fork()
+            report_internal_error(exc, f"listing connections to hold across fork ({source!r})")
+    _HOLDS[:] = held
+
+
+def release_holds() -> None:
+    """Drop the references `hold_for_fork` took (parent: after fork; child: after the reset)."""
+    _HOLDS.clear()
