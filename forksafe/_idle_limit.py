@@ -24,7 +24,13 @@ from typing import Any
 from forksafe import errors
 from forksafe.drivers import unwrap
 
-__all__ = ["DEFAULT_IDLE_CHECK", "RETIRE_FRACTION", "server_idle_limit"]
+__all__ = [
+    "DEFAULT_IDLE_CHECK",
+    "RETIRE_FRACTION",
+    "pg_transaction_status",
+    "rollback_if_opened",
+    "server_idle_limit",
+]
 
 #: Seconds a connection may sit idle before it is checked before use (engines and Django).
 DEFAULT_IDLE_CHECK = 10.0
@@ -36,7 +42,7 @@ RETIRE_FRACTION = 0.9
 _PQTRANS_IDLE = 0
 
 
-def _pg_transaction_status(dbapi_connection: Any) -> int | None:
+def pg_transaction_status(dbapi_connection: Any) -> int | None:
     """libpq's transaction status of a psycopg2 / psycopg 3 connection, or None if unknown.
 
     Reads client-side state only (no round trip). Sees through SQLAlchemy's adapters.
@@ -46,6 +52,16 @@ def _pg_transaction_status(dbapi_connection: Any) -> int | None:
         if status is not None:
             return int(status)
     return None
+
+
+def rollback_if_opened(dbapi_connection: Any, before: int | None) -> None:
+    """Roll back the transaction a check opened (or aborted) on a PostgreSQL connection.
+
+    ``before`` is `pg_transaction_status` taken before the check: only a connection that
+    was idle then is rolled back, so an application's own transaction is never touched.
+    """
+    if before == _PQTRANS_IDLE and pg_transaction_status(dbapi_connection) != _PQTRANS_IDLE:
+        dbapi_connection.rollback()
 
 
 def _ask(dbapi_connection: Any, sql: str) -> Any:
@@ -83,7 +99,7 @@ def server_idle_limit(backend: str, dbapi_connection: Any) -> float | None:
             errors.note_max_allowed_packet(row[1])
         scale = 1.0
     elif backend == "postgresql":
-        if _pg_transaction_status(dbapi_connection) != _PQTRANS_IDLE:
+        if pg_transaction_status(dbapi_connection) != _PQTRANS_IDLE:
             return None
         try:
             row = _ask(
@@ -92,7 +108,7 @@ def server_idle_limit(backend: str, dbapi_connection: Any) -> float | None:
             )
         finally:
             # Idle before, so a transaction now (open or aborted) is the probe's own.
-            if _pg_transaction_status(dbapi_connection) != _PQTRANS_IDLE:
+            if pg_transaction_status(dbapi_connection) != _PQTRANS_IDLE:
                 dbapi_connection.rollback()
         scale = 0.001  # pg_settings reports it in milliseconds
     else:

@@ -48,7 +48,13 @@ except ImportError as _err:  # pragma: no cover - exercised by users without Dja
 
 from forksafe import _fork
 from forksafe import retry as _retry
-from forksafe._idle_limit import DEFAULT_IDLE_CHECK, RETIRE_FRACTION, server_idle_limit
+from forksafe._idle_limit import (
+    DEFAULT_IDLE_CHECK,
+    RETIRE_FRACTION,
+    pg_transaction_status,
+    rollback_if_opened,
+    server_idle_limit,
+)
 from forksafe._registry import REGISTRY, ConnectionEntry
 from forksafe.drivers import find_driver, unwrap
 
@@ -237,8 +243,22 @@ def _retire_idle(idle_check: float | None) -> None:
             logger.debug("forksafe: %r idle %.1fs, past the server's limit; closing it",
                          wrapper.alias, idle)
             _close(wrapper)
-        elif idle_check is not None and idle >= idle_check and not wrapper.is_usable():
+        elif idle_check is not None and idle >= idle_check and not _is_usable(wrapper):
             _close(wrapper)
+
+
+def _is_usable(wrapper: Any) -> bool:
+    """Django's ``is_usable()``, leaving no transaction open behind it.
+
+    On PostgreSQL outside autocommit mode (``AUTOCOMMIT=False``) its ``SELECT 1`` opens a
+    transaction, and under REPEATABLE READ takes the snapshot the job would then see.
+    """
+    raw = wrapper.connection
+    before = pg_transaction_status(raw) if wrapper.vendor == "postgresql" else None
+    usable = bool(wrapper.is_usable())
+    if usable and before is not None:
+        rollback_if_opened(raw, before)
+    return usable
 
 
 def _stamp() -> None:

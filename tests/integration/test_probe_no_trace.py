@@ -92,6 +92,17 @@ def test_django_mariadb_autocommit_off_repeatable_read_sees_later_commits(
 
 
 @pytest.mark.postgres
+def test_django_unit_of_work_liveness_check_takes_no_snapshot(pg: Any) -> None:
+    """unit_of_work()'s liveness check (Django's is_usable(): SELECT 1) on a connection idle
+    past idle_check, AUTOCOMMIT=False, REPEATABLE READ: the job starts on an idle
+    connection and sees a row committed after the check."""
+    report = run("--scenario", "unit", "--port", pg.port, "--no-autocommit",
+                 "--protect", 1, "--table", "unit_check")
+    assert report["state_after_enter"] == "IDLE", report
+    assert report["count"] == 1, report
+
+
+@pytest.mark.postgres
 @pytest.mark.parametrize("autocommit", [False, True])
 def test_django_failed_probe_leaves_no_aborted_transaction(pg: Any, autocommit: bool) -> None:
     """A role that cannot read pg_settings: the probe fails (the server logs it), and the

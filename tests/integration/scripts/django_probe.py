@@ -11,6 +11,9 @@ driver's transaction state right after connect too.
 back to the pool) over the ``--pool-size`` server connections of a full pool. Reports each
 request's backend pid; the test counts the probes in the server's statement log.
 
+``unit``: as ``visibility``, around ``unit_of_work(idle_check=0)``, whose liveness check
+runs at the start of the second unit: the check takes no snapshot either.
+
 ``denied``: PostgreSQL, a role that cannot read ``pg_settings``, so the probe fails.
 Reports the transaction state after connect and whether the application's first query
 works.
@@ -30,6 +33,8 @@ def settings_for(args: argparse.Namespace) -> dict[str, Any]:
         options: dict[str, Any] = {}
         if args.scenario == "visibility":
             options["isolation_level"] = IsolationLevel[args.isolation.upper().replace(" ", "_")]
+        if args.scenario == "unit":
+            options["isolation_level"] = IsolationLevel.REPEATABLE_READ
         if args.scenario == "pool":
             options["pool"] = {"min_size": args.pool_size, "max_size": args.pool_size,
                                "timeout": 30}
@@ -37,6 +42,7 @@ def settings_for(args: argparse.Namespace) -> dict[str, Any]:
             "ENGINE": "django.db.backends.postgresql", "HOST": "127.0.0.1",
             "PORT": args.port, "USER": args.user, "NAME": "forksafe", "OPTIONS": options,
             "AUTOCOMMIT": not args.no_autocommit,
+            "CONN_MAX_AGE": None if args.scenario == "unit" else 0,
         }
     return {
         "ENGINE": "django.db.backends.mysql", "HOST": "127.0.0.1", "PORT": args.port,
@@ -71,7 +77,8 @@ def transaction_state(connection: Any, vendor: str) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--scenario", choices=["visibility", "pool", "denied"], required=True)
+    parser.add_argument("--scenario", required=True,
+                        choices=["visibility", "pool", "denied", "unit"])
     parser.add_argument("--vendor", choices=["postgresql", "mysql"], default="postgresql")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--user", default="postgres")
@@ -106,6 +113,24 @@ def main() -> None:
             cur.execute(f"SELECT count(*) FROM {args.table}")
             report["count"] = int(cur.fetchone()[0])
         connection.rollback()
+        other.close()
+    elif args.scenario == "unit":
+        import forksafe.django
+
+        other = other_session(args)
+        other.cursor().execute(f"DROP TABLE IF EXISTS {args.table}")
+        other.cursor().execute(f"CREATE TABLE {args.table} (id INT PRIMARY KEY)")
+        with forksafe.django.unit_of_work(idle_check=0):  # the next one checks the connection
+            with connection.cursor() as cur:
+                cur.execute("SELECT 1")
+            connection.commit()
+        with forksafe.django.unit_of_work(idle_check=0):
+            report["state_after_enter"] = transaction_state(connection, args.vendor)
+            other.cursor().execute(f"INSERT INTO {args.table} VALUES (1)")
+            with connection.cursor() as cur:
+                cur.execute(f"SELECT count(*) FROM {args.table}")
+                report["count"] = int(cur.fetchone()[0])
+            connection.rollback()
         other.close()
     elif args.scenario == "pool":
         pids = []
