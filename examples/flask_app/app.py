@@ -1,16 +1,17 @@
 """A Flask + SQLAlchemy shop catalogue, protected by forksafe.
 
 The engine is created, tracked and used at import: the app creates its tables and seeds
-5,000 products when the database is empty. gunicorn (``preload_app``) and uWSGI (without
-``lazy-apps``) import it once and fork the workers afterwards; forksafe gives every worker
-its own connections.
+5,000 products when the database is empty, under a server lock so that workers importing
+it at once (gunicorn without ``preload_app``, uWSGI ``lazy-apps``) do not collide.
+gunicorn (``preload_app``) and uWSGI (without ``lazy-apps``) import it once and fork the
+workers afterwards; forksafe gives every worker its own connections.
 
 * ``GET /products?page=N``: an HTML listing page, 50 products a page;
 * ``GET /products/<id>.json``: one product;
 * ``POST /orders`` (form fields ``product_id``, ``quantity``, ``token``): records an order
   and answers it back as JSON. The token makes it idempotent: sending the same order again
   (a client's retry) answers the stored order; the same token for another order is a 409;
-* ``GET /health``.
+* ``GET /health``: 200 ``ok`` when a query of the database succeeds, else 503.
 
 ``DATABASE_URL`` picks the database (default: the private MariaDB of
 ``python -m forksafe.testing.dbserver``, ``mysql+mysqldb://root@127.0.0.1:3307/forksafe``).
@@ -18,7 +19,9 @@ its own connections.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 from catalogue import PER_PAGE, PRODUCTS, product_name, product_price
 from flask import Flask, Response, abort, jsonify, render_template_string, request
@@ -35,7 +38,9 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 import forksafe
@@ -82,21 +87,50 @@ if os.environ.get("BENCH_POOL"):
         engine = forksafe.track(engine)
 
 
+@contextlib.contextmanager
+def _setup_lock(conn: Connection) -> Iterator[None]:
+    """One process at a time: without preload_app (gunicorn) or with lazy-apps (uWSGI)
+    every worker imports the app at once, and two that create the tables or seed together
+    fail ('1050 Table already exists', '1213 Deadlock'). A session-level lock of the server
+    (MySQL GET_LOCK, PostgreSQL advisory lock) orders them; released on disconnect too."""
+    name = conn.dialect.name
+    if name in ("mysql", "mariadb"):
+        got = conn.execute(text("SELECT GET_LOCK('forksafe_example_setup', 120)")).scalar()
+        if got != 1:
+            raise RuntimeError("another process held the setup lock for 120 s")
+        release = "SELECT RELEASE_LOCK('forksafe_example_setup')"
+    elif name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_lock(72120101)"))
+        release = "SELECT pg_advisory_unlock(72120101)"
+    else:
+        release = ""
+    conn.commit()
+    try:
+        yield
+    finally:
+        if release:
+            conn.rollback()
+            conn.execute(text(release))
+            conn.commit()
+
+
 def _setup() -> None:
-    """Create the tables and seed the catalogue once (this uses the engine at import)."""
-    metadata.create_all(engine)
-    with engine.begin() as conn:
-        if conn.execute(select(func.count()).select_from(products)).scalar() == PRODUCTS:
-            return
-        conn.execute(orders.delete())
-        conn.execute(products.delete())
-        conn.execute(
-            insert(products),
-            [
-                {"id": i, "name": product_name(i), "price": product_price(i)}
-                for i in range(1, PRODUCTS + 1)
-            ],
-        )
+    """Create the tables and seed the catalogue once, whichever process comes first (this
+    uses the engine at import)."""
+    with engine.connect() as conn, _setup_lock(conn):
+        metadata.create_all(conn)  # checks first: a table another worker made is kept
+        conn.commit()
+        if conn.execute(select(func.count()).select_from(products)).scalar() != PRODUCTS:
+            conn.execute(orders.delete())
+            conn.execute(products.delete())
+            conn.execute(
+                insert(products),
+                [
+                    {"id": i, "name": product_name(i), "price": product_price(i)}
+                    for i in range(1, PRODUCTS + 1)
+                ],
+            )
+        conn.commit()
 
 
 _setup()
@@ -114,8 +148,18 @@ PAGE = """<!doctype html>
 
 
 @app.get("/health")
-def health() -> str:
-    return "ok"
+def health() -> Response:
+    """200 when the database answers a query of the app's own table, else 503 with the cause.
+
+    A health check must touch the database: a process-local view (forksafe.connections())
+    cannot know that the server went away.
+    """
+    try:
+        with engine.connect() as conn:
+            conn.execute(select(products.c.id).limit(1)).all()
+    except Exception as exc:  # any failure is "unhealthy"; the type names it, no password
+        return Response(f"database unavailable: {type(exc).__name__}\n", status=503)
+    return Response("ok", mimetype="text/plain")
 
 
 @app.get("/products")

@@ -8,7 +8,7 @@ gone away", ``NoSuchColumnError``, ``ResourceClosedError`` under concurrent requ
 
 * ``GET /users/{id}``: one user as JSON;
 * ``GET /users?offset=N``: 20 users as JSON;
-* ``GET /health``.
+* ``GET /health``: 200 ``ok`` when a query of the database succeeds, else 503.
 
 ``DATABASE_URL`` picks the database (default: the private MariaDB of
 ``python -m forksafe.testing.dbserver``).
@@ -16,14 +16,28 @@ gone away", ``NoSuchColumnError``, ``ResourceClosedError`` under concurrent requ
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from pyramid.config import Configurator
 from pyramid.httpexceptions import HTTPNotFound
 from pyramid.request import Request
+from pyramid.response import Response
 from pyramid.view import view_config
-from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, func, select
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.engine import Connection
 
 import forksafe
 
@@ -47,19 +61,39 @@ def login_of(user_id: int) -> str:
     return f"user{user_id:05d}"
 
 
+@contextlib.contextmanager
+def _setup_lock(conn: Connection) -> Iterator[None]:
+    """One process at a time: with uWSGI lazy-apps every worker imports the app at once, and
+    two that create the table or seed together fail ('1050 Table already exists', '1213
+    Deadlock'). MySQL's GET_LOCK orders them (released on disconnect too)."""
+    mysql = conn.dialect.name in ("mysql", "mariadb")
+    if mysql and conn.execute(text("SELECT GET_LOCK('forksafe_example_setup', 120)")).scalar() != 1:
+        raise RuntimeError("another process held the setup lock for 120 s")
+    conn.commit()
+    try:
+        yield
+    finally:
+        if mysql:
+            conn.rollback()
+            conn.execute(text("SELECT RELEASE_LOCK('forksafe_example_setup')"))
+            conn.commit()
+
+
 def _setup() -> None:
-    metadata.create_all(engine)
-    with engine.begin() as conn:
-        if conn.execute(select(func.count()).select_from(users)).scalar() == USERS:
-            return
-        conn.execute(users.delete())
-        conn.execute(
-            users.insert(),
-            [
-                {"id": i, "login": login_of(i), "email": f"{login_of(i)}@example.org"}
-                for i in range(1, USERS + 1)
-            ],
-        )
+    """Create the table and seed it once, whichever process comes first."""
+    with engine.connect() as conn, _setup_lock(conn):
+        metadata.create_all(conn)  # checks first: a table another worker made is kept
+        conn.commit()
+        if conn.execute(select(func.count()).select_from(users)).scalar() != USERS:
+            conn.execute(users.delete())
+            conn.execute(
+                users.insert(),
+                [
+                    {"id": i, "login": login_of(i), "email": f"{login_of(i)}@example.org"}
+                    for i in range(1, USERS + 1)
+                ],
+            )
+        conn.commit()
 
 
 _setup()
@@ -88,9 +122,15 @@ def user_list(request: Request) -> dict[str, Any]:
     return {"offset": offset, "users": [_as_dict(r) for r in rows]}
 
 
-@view_config(route_name="health", renderer="string")
-def health(request: Request) -> str:
-    return "ok"
+@view_config(route_name="health")
+def health(request: Request) -> Response:
+    """200 when the database answers a query of the app's table, else 503 with the cause."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(select(users.c.id).limit(1)).all()
+    except Exception as exc:  # any failure is "unhealthy"; the type names it, no password
+        return Response(f"database unavailable: {type(exc).__name__}\n", status=503)
+    return Response("ok", content_type="text/plain")
 
 
 def make_app() -> Any:

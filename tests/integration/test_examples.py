@@ -37,18 +37,29 @@ CONCURRENCY = 24
 
 
 @contextlib.contextmanager
-def serve(example: str, server: str, database_url: str) -> Iterator[str]:
-    """Boot ``examples/<example>`` with its own config under ``server``; yield its base URL."""
+def serve(example: str, server: str, database_url: str, *, loads_per_worker: bool = False,
+          log_lines: list[str] | None = None) -> Iterator[str]:
+    """Boot ``examples/<example>`` with its own config under ``server``; yield its base URL.
+
+    ``loads_per_worker``: every worker imports the app itself after fork (gunicorn without
+    ``preload_app``, uWSGI with ``lazy-apps``), so the workers start it concurrently.
+    ``log_lines`` receives the server's log when it stops.
+    """
     from mirakuru import HTTPExecutor
 
     directory = EXAMPLES / example
     port = free_port()
-    if server == "gunicorn":
+    if server == "gunicorn" and loads_per_worker:  # the config's preload_app cannot be undone
+        command = [sys.executable, "-m", "gunicorn", "--workers", "4", "--bind",
+                   f"127.0.0.1:{port}", "app:app"]
+    elif server == "gunicorn":
         command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
     else:
         command = [find_uwsgi(), "--ini", "uwsgi.ini"]
         if sys.prefix != sys.base_prefix:
             command += ["--home", sys.prefix]
+        if loads_per_worker:
+            command += ["--lazy-apps"]
     log = (directory / f".{server}-{port}.log").open("wb")
     executor = HTTPExecutor(
         command,
@@ -70,6 +81,8 @@ def serve(example: str, server: str, database_url: str) -> Iterator[str]:
         if executor.process is not None:
             executor.kill()
         log.close()
+        if log_lines is not None:
+            log_lines += Path(log.name).read_text(errors="replace").splitlines()
         Path(log.name).unlink(missing_ok=True)
 
 
@@ -187,8 +200,8 @@ def test_flask_example(mariadb: Any, server: str) -> None:
     assert conflict == 409
 
 
-def test_pyramid_example_under_uwsgi(mariadb: Any) -> None:
-    """The Pyramid + MySQLdb example under uWSGI (master, 4 processes): every answer right."""
+def pyramid_check(base: str) -> Callable[[int], str | None]:
+    """Single users and pages of users, each checked against the seeded data."""
 
     def check(i: int) -> str | None:
         if i % 2:
@@ -206,6 +219,57 @@ def test_pyramid_example_under_uwsgi(mariadb: Any) -> None:
             return f"users?offset={offset}: HTTP {status} ids {ids}"
         return None
 
+    return check
+
+
+def test_pyramid_example_under_uwsgi(mariadb: Any) -> None:
+    """The Pyramid + MySQLdb example under uWSGI (master, 4 processes): every answer right."""
     with serve("pyramid_app", "uwsgi", mariadb.url()) as base:
-        problems = hammer(check)
+        problems = hammer(pyramid_check(base))
     assert problems == [], problems[:10]
+
+
+@pytest.mark.parametrize(("example", "server"), [("flask_app", "gunicorn"),
+                                               ("flask_app", "uwsgi"), ("pyramid_app", "uwsgi")])
+def test_examples_when_every_worker_loads_them(mariadb: Any, example: str, server: str) -> None:
+    """gunicorn without preload_app and uWSGI with lazy-apps: four workers import the app at
+    once against an empty database. Each creates the tables and seeds them only if no other
+    did (no '1050 Table already exists', no '1213 Deadlock', no worker that fails to boot),
+    and every answer is right."""
+    database = f"example_race_{uuid.uuid4().hex[:8]}"
+    mariadb.execute(f"CREATE DATABASE {database}", database="")
+    url = mariadb.url(database=database)
+    tokens: list[str] = []
+    log: list[str] = []
+    try:
+        with serve(example, server, url, loads_per_worker=True, log_lines=log) as base:
+            if example == "flask_app":
+                problems = hammer(flask_check(base, tokens))
+            else:
+                problems = hammer(pyramid_check(base))
+    finally:
+        mariadb.execute(f"DROP DATABASE IF EXISTS {database}", database="")
+    text = "\n".join(log)
+    assert problems == [], problems[:10]
+    for bad in ("Traceback", "1050", "1213", "Worker failed to boot", "Deadlock"):
+        assert bad not in text, text[-3000:]
+
+
+@pytest.mark.parametrize(("example", "server"), [("flask_app", "gunicorn"),
+                                               ("pyramid_app", "uwsgi")])
+def test_health_touches_the_database(mariadb: Any, example: str, server: str) -> None:
+    """/health answers 200 only when the database answers: it runs a query, so a database
+    that is gone is a 503 naming the cause, not a cheerful 'ok'."""
+    database = f"example_health_{uuid.uuid4().hex[:8]}"
+    mariadb.execute(f"CREATE DATABASE {database}", database="")
+    url = mariadb.url(database=database)
+    try:
+        with serve(example, server, url) as base:
+            status, body = _get(f"{base}/health")
+            assert (status, body) == (200, b"ok"), body
+            mariadb.execute(f"DROP DATABASE {database}", database="")
+            status, body = _get(f"{base}/health")
+            assert status == 503, body
+            assert b"database" in body, body
+    finally:
+        mariadb.execute(f"DROP DATABASE IF EXISTS {database}", database="")
