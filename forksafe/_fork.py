@@ -175,10 +175,16 @@ def neutralise(conn: object, entry: ConnectionEntry | None = None) -> bool:
     raises: a failure is reported (`report_internal_error`) and the object is kept alive
     for good, so that at least its destructor never runs.
 
+    A descriptor is replaced only if it is still the socket recorded when the connection
+    was tracked (a number can be reused once the driver's own socket is closed); one that
+    is not is left alone, and the log says so. If the driver cannot tell its socket (its
+    accessor raises: an API that moved in a new release), that is reported, never read as
+    "closed", and the descriptor recorded at track time is neutralised instead.
+
     Args:
         conn: a DBAPI connection (or one of SQLAlchemy's wrappers of it).
-        entry: its registry entry, if tracked: gives the driver and the identity of the
-            socket recorded when it was tracked.
+        entry: its registry entry, if tracked: gives the driver and the descriptor and
+            socket identity recorded when it was tracked.
 
     Returns:
         True if a socket was replaced; False if there was nothing to replace (the driver
@@ -188,13 +194,22 @@ def neutralise(conn: object, entry: ConnectionEntry | None = None) -> bool:
     raw = unwrap(conn)
     driver = entry.driver if entry is not None else find_driver(raw)
     name = driver.name if driver is not None else type(raw).__qualname__
+    pid = os.getpid()
     try:
         if driver is None:
             _ORPHANS.append(raw)
             logger.warning("forksafe: pid %d inherited a %s connection of no known driver: "
-                           "kept alive, never closed", os.getpid(), name)
+                           "kept alive, never closed", pid, name)
             return False
-        fd = driver.socket_fd(raw)
+        try:
+            fd = driver.socket_fd(raw)
+        except Exception as exc:  # "could not tell" is not "closed" (see Driver.socket_fd)
+            _ORPHANS.append(raw)
+            report_internal_error(exc, f"finding the socket of an inherited {name} connection "
+                                       "(it is kept alive, never closed)")
+            if entry is None or entry.fd is None:
+                return False
+            fd = entry.fd  # the number recorded when it was tracked, checked just below
         if fd is None:  # the driver says it is closed: nothing is shared any more
             return False
         expected = entry.socket if entry is not None else None
@@ -205,8 +220,7 @@ def neutralise(conn: object, entry: ConnectionEntry | None = None) -> bool:
                     "forksafe: pid %d left descriptor %d alone: the inherited %s connection "
                     "reports it as its socket, but it is now %s (the connection's own "
                     "socket was closed and the number reused)",
-                    os.getpid(), fd, name,
-                    "closed" if actual is None else "another socket",
+                    pid, fd, name, "closed" if actual is None else "another socket",
                 )
                 return False
         return _sockets.neutralise_fd(fd)

@@ -50,8 +50,9 @@ class Resettable(Protocol):
 class ConnectionEntry:
     """What forksafe knows of one DBAPI connection.
 
-    ``socket`` is the identity (``st_dev``, ``st_ino``) of the connection's socket when it
-    was tracked; `Registry.add_connection` fills it in. None: not known (no socket then).
+    ``fd`` and ``socket`` are the connection's descriptor number and the identity
+    (``st_dev``, ``st_ino``) of its socket when it was tracked; `Registry.add_connection`
+    fills them in (None: not known, no socket then).
     """
 
     driver: Driver
@@ -59,6 +60,7 @@ class ConnectionEntry:
     origin: str
     owner: Any = None  # the engine adapter that opened it; None for track(conn)
     socket: tuple[int, int] | None = None
+    fd: int | None = None
 
 
 def record_socket(conn: Any, entry: ConnectionEntry) -> None:
@@ -71,6 +73,7 @@ def record_socket(conn: Any, entry: ConnectionEntry) -> None:
         return
     if fd is not None:
         entry.socket = socket_identity(fd)
+        entry.fd = fd if entry.socket is not None else None
 
 
 class Registry:

@@ -11,6 +11,7 @@ or the protected half would prove nothing. The scenarios run in a fresh interpre
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,120 @@ def test_connection_held_by_another_thread_survives_fork(
     assert not mariadb.quit_logged(safe["before_id"]), "a Quit reached the worker's session"
     assert safe["child_status"] == 0
     assert safe["internal_errors"] == []
+
+
+STALE_SCRIPT = Path(__file__).parent / "scripts" / "stale_fd_scenario.py"
+
+
+def test_a_reused_descriptor_number_is_left_alone() -> None:
+    """A tracked connection whose session was killed keeps reporting its old ``fileno()``;
+    ``multiprocessing.Pipe()`` takes that number. forksafe must not replace the pipe in the
+    child (its socket identity differs from the one recorded at track time) and says why in
+    the log; the child's message reaches the parent.
+
+    Control: replacing the descriptor by number, as forksafe did before, makes the child's
+    ``send()`` fail (ENOTCONN) and the parent receive nothing.
+    """
+    from tests.conftest import start_mariadb
+
+    server = start_mariadb()
+    try:
+        def run(mode: str) -> dict:
+            cmd = [sys.executable, str(STALE_SCRIPT), "--port", str(server.port),
+                   "--mode", mode]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                                  check=False)
+            assert done.returncode == 0, f"scenario crashed: {done.stderr[-2000:]}"
+            report: dict = json.loads(done.stdout)
+            assert report["query_error"] == 2013, report
+            assert report["open"], "mysqlclient no longer reports a dead connection open"
+            assert report["stale_fd"] in report["pipe_fds"], "the number was not reused"
+            return report
+
+        control = run("control")
+        assert control["received"] is None, control
+        assert control["child_exitcode"] != 0, control
+
+        safe = run("safe")
+        assert safe["received"] is not None, safe
+        assert safe["received"]["message"] == "hello from the child"
+        assert safe["child_exitcode"] == 0
+        assert safe["internal_errors"] == []
+        skipped = [m for m in safe["received"]["log"] if "left descriptor" in m]
+        assert skipped, safe["received"]["log"]
+        assert "number reused" in skipped[0]
+    finally:
+        server.cleanup()
+
+
+def _track_with(conn: Any, socket_fd: Any) -> None:
+    """Track ``conn`` with mysqlclient's driver, its socket accessor replaced."""
+    import dataclasses
+
+    from forksafe._registry import REGISTRY, ConnectionEntry
+    from forksafe.drivers import DRIVERS
+
+    base = next(d for d in DRIVERS if d.name == "mysqlclient")
+    driver = dataclasses.replace(base, socket_fd=socket_fd)
+    REGISTRY.add_connection(conn, ConnectionEntry(driver=driver, pid=os.getpid(),
+                                                  origin="test"))
+
+
+def _session_id(conn: Any) -> int:
+    cur = conn.cursor()
+    cur.execute("SELECT CONNECTION_ID()")
+    (cid,) = cur.fetchone()
+    cur.close()
+    return int(cid)
+
+
+def test_a_socket_accessor_that_fails_is_reported_not_read_as_closed(mariadb: Any) -> None:
+    """A driver whose socket accessor raises in the child (an API that moved) is reported
+    as an internal error, and the socket recorded when the connection was tracked is still
+    neutralised: the child's ``close()`` does not reach the parent's session.
+
+    Control: reading the failure as "closed" (the accessor says None in the child) lets the
+    child's ``close()`` send the Quit that ends the parent's session.
+    """
+    import MySQLdb
+
+    from forksafe.drivers import DRIVERS
+    from tests.forking import run_in_child
+
+    base = next(d for d in DRIVERS if d.name == "mysqlclient")
+    parent = os.getpid()
+
+    def drifted(conn: Any) -> int | None:
+        if os.getpid() != parent:
+            raise AttributeError("'Connection' object has no attribute 'fileno'")
+        return base.socket_fd(conn)
+
+    def closed_in_child(conn: Any) -> int | None:
+        return None if os.getpid() != parent else base.socket_fd(conn)
+
+    def child_closes(conn: Any) -> list[str]:
+        def child() -> list[str]:
+            conn.close()
+            return [repr(e) for e in forksafe.internal_errors()]
+
+        result: list[str] = run_in_child(child, allow_internal_errors=True)
+        return result
+
+    import forksafe
+
+    control = MySQLdb.connect(**mariadb.connect_kwargs(), autocommit=True)
+    _track_with(control, closed_in_child)
+    control_id = _session_id(control)
+    child_closes(control)
+    assert mariadb.quit_logged(control_id), "control: the child's close() did not quit"
+    with pytest.raises(MySQLdb.OperationalError):
+        _session_id(control)
+
+    conn = MySQLdb.connect(**mariadb.connect_kwargs(), autocommit=True)
+    _track_with(conn, drifted)
+    cid = _session_id(conn)
+    errors = child_closes(conn)
+    assert any("has no attribute 'fileno'" in e for e in errors), errors
+    assert _session_id(conn) == cid
+    assert not mariadb.quit_logged(cid), "a Quit reached the parent's session"
+    conn.close()
