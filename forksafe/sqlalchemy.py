@@ -1,37 +1,55 @@
 """The SQLAlchemy adapter: what `forksafe.track` does with an ``Engine``.
 
-On ``track(engine)``:
+No checkout or checkin listener (any checkout listener forces SQLAlchemy's slower checkout
+loop, and every event dispatch costs). Instead ``track(engine)`` changes the class of the
+engine's pool to a subclass of its own class, made once per pool class, that overrides
+three methods:
 
-* a pool ``connect`` listener records every DBAPI connection the engine opens, with the pid
-  that opened it (SQLAlchemy carries pool listeners over to the pool that
-  ``engine.dispose()`` creates, so the listeners live as long as the engine);
-* a pool ``checkout`` listener compares ``os.getpid()`` with the pid forksafe last reset for
-  (about 1 µs). A mismatch means a fork no hook saw: it resets the process, then raises
-  ``DisconnectionError`` so the pool drops the inherited connection and opens a new one;
-* connections the pool already holds are recorded too; connections checked out at the time
-  of ``track()`` are recorded when they come back.
+* ``connect()`` compares ``os.getpid()`` with the pid the pool was made for. A mismatch is a
+  fork no hook saw (or an orphaned pool used after a reset): forksafe resets the process
+  and hands the checkout to the engine's *new* pool, so the child never opens a session in,
+  nor takes the lock of, the pool it inherited;
+* ``_do_get()`` (the pool taking a record out of its queue) stamps the record with the time
+  of checkout and checks its liveness (below). Nothing in it raises once the base
+  ``_do_get`` returned a record: an error there would leak the record's slot;
+* ``recreate()`` (used by ``engine.dispose()`` and by the reset in a child) keeps the new
+  pool tracked.
+
+``untrack()`` gives the pool its original class back. A ``connect`` listener records every
+DBAPI connection the engine opens (with the pid that opened it) and a ``handle_error``
+listener marks the errors `forksafe.errors` classifies as disconnects: both are rare
+events. Connections checked out at the time of ``track()`` are recorded when they come
+back (by a second subclass that adds ``_do_return_conn`` and gives way to the lean one once
+all of them are back).
 
 In a child, `EngineAdapter.reset_in_child` runs after every inherited socket was neutralised
-and gives the engine a fresh pool of the same configuration (``dispose(close=False)``):
-nothing of the old pool can reach the server any more, whatever the child does with it.
+and gives the engine a fresh pool of the same configuration (``dispose(close=False)``).
 
-Stale connections (``track(engine, idle_check=..., recycle=...)``):
+Liveness at checkout, per pooled connection (``track(engine, idle_check=..., recycle=...)``):
 
-* a ``checkin`` listener stamps the record with ``time.monotonic()``; the ``checkout``
-  listener compares it with one threshold, so a hot connection pays one subtraction and
-  one comparison, never a round trip (``pool_pre_ping`` pays a round trip every time);
-* a connection idle for at least ``idle_check`` seconds is pinged first (the dialect's
-  ``do_ping``); a dead one is replaced, and every connection older than it is dropped too
-  (``InvalidatePoolError``: a dead idle connection usually means a restart or a cut);
-* with ``recycle="auto"`` the ``connect`` listener asks the server its idle limit once
-  per new connection (MySQL/MariaDB ``@@session.wait_timeout``, PostgreSQL
-  ``idle_session_timeout``) and a connection idle for 90% of it is replaced without a
-  ping: the server is about to drop it. A ``pool_recycle`` set by the user is left as it
-  is (SQLAlchemy applies it by age, forksafe by idle time); ``recycle=seconds`` sets the
-  idle limit directly;
-* a ``handle_error`` listener marks every error `forksafe.errors` classifies as a
-  disconnect as one (so SQLAlchemy invalidates the connection and every older one in the
-  pool), and logs the explanation once per cause.
+* **The socket, every checkout.** One zero-timeout ``poll()`` of the connection's socket
+  (its descriptor is found once, when the connection is made). An idle MySQL/MariaDB
+  connection has nothing to read, so a readable one was closed by the server (``KILL``, a
+  restart, ``wait_timeout``: the server sent an error packet or EOF) and is replaced before
+  it is handed out, without a round trip. PostgreSQL may send NOTICE, ParameterStatus or
+  NOTIFY to an idle session, and a TLS socket may hold a record that is not a close: for
+  those a readable socket is pinged (one round trip, only then) and replaced if dead.
+* **Silent failures**: a connection idle for at least ``idle_check`` seconds is pinged
+  (the dialect's ``do_ping``); a dead one is replaced, and every connection older than it
+  is dropped too (a cut network sends nothing, so nothing is readable).
+* **The server's idle limit** (``recycle="auto"``): at the first checkout of each new
+  connection (after every ``connect`` listener of the application ran, so a ``wait_timeout``
+  the application sets there is the one learned) forksafe asks the server its idle limit
+  (MySQL/MariaDB ``@@session.wait_timeout``, PostgreSQL ``idle_session_timeout``) and a
+  connection idle for 90% of it is replaced without a ping. ``recycle=seconds`` sets that
+  limit directly. A ``pool_recycle`` set by the user is left as it is.
+
+Private SQLAlchemy API this relies on (pinned by tests/integration/test_pool_internals.py,
+run on SQLAlchemy 1.4 and 2.x): ``Pool.connect``, ``Pool._do_get``, ``Pool.recreate``,
+``Pool._do_return_conn``, ``Pool._invalidate_time``, ``_ConnectionRecord.info`` (cleared
+when a record reconnects), ``_ConnectionRecord.invalidate``/``_checkin_failed``,
+``_ConnectionRecord.dbapi_connection`` (``connection`` on 1.4), ``StaticPool``'s memoized
+``connection``.
 """
 
 from __future__ import annotations
@@ -39,6 +57,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import select
+import ssl
+import threading
 import time
 import weakref
 from typing import Any
@@ -57,7 +78,7 @@ except ImportError as _err:  # pragma: no cover - exercised by users without SQL
         "forksafe.sqlalchemy requires the SQLAlchemy package: pip install 'forksafe[sqlalchemy]'"
     ) from _err
 
-__all__ = [
+__all__ = [  # noqa: F822 - SUPPORTED_DIALECT_DRIVERS comes from the module's __getattr__
     "DEFAULT_IDLE_CHECK",
     "SUPPORTED_DIALECT_DRIVERS",
     "EngineAdapter",
@@ -68,12 +89,26 @@ __all__ = [
 
 logger = logging.getLogger("forksafe")
 
-# Keys in ``_ConnectionRecord.info`` (SQLAlchemy clears it when it reconnects a record).
-_IDLE_SINCE = "forksafe_idle_since"
-_RETIRE_AFTER = "forksafe_retire_after"
+# Key in ``_ConnectionRecord.info`` (SQLAlchemy clears it when the record reconnects).
+_STATE_KEY = "forksafe"
+# What poll() reports for a socket that has something to say (POLLHUP, POLLERR and POLLNVAL
+# are always reported).
+_POLL_EVENTS = select.POLLIN | select.POLLPRI | getattr(select, "POLLRDHUP", 0)
 
-#: ``engine.dialect.driver`` values whose connections forksafe can neutralise.
-SUPPORTED_DIALECT_DRIVERS = dialect_drivers()
+# What only a closed (or half-closed: no server half-closes a live session) socket reports.
+_CLOSED_EVENTS = (
+    select.POLLHUP | select.POLLERR | select.POLLNVAL | getattr(select, "POLLRDHUP", 0)
+)
+
+_getpid = os.getpid
+_monotonic = time.monotonic
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SUPPORTED_DIALECT_DRIVERS":
+        # Computed on each use, so that drivers registered after import count.
+        return dialect_drivers()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_engine(obj: object) -> bool:
@@ -93,23 +128,161 @@ def describe(engine: Engine) -> str:
 
 
 def _idle_records(pool: Any) -> list[Any]:
-    """The connection records a pool holds right now (QueuePool, SingletonThreadPool, ...)."""
+    """The connection records a pool holds right now (QueuePool, SingletonThreadPool, ...).
+
+    Never connects: a ``StaticPool``'s record is read only if it already exists.
+    """
     queue = getattr(getattr(pool, "_pool", None), "queue", None)
     if queue is not None:
         return list(queue)
     records = getattr(pool, "_all_conns", None)
     if records is not None:
         return list(records)
-    single = getattr(pool, "connection", None)  # StaticPool
+    # StaticPool.connection is a memoized property that *connects* on first access.
+    single = vars(pool).get("connection")
     return [single] if single is not None else []
 
 
 def _record_connection(record: Any) -> Any:
-    return getattr(record, "dbapi_connection", None) or getattr(record, "connection", None)
+    """The DBAPI connection of a pool record, or None (``dbapi_connection`` since 1.4.24)."""
+    conn = getattr(record, "dbapi_connection", _MISSING)
+    return getattr(record, "connection", None) if conn is _MISSING else conn
+
+
+_MISSING = object()
+
+
+# -- per-connection state ---------------------------------------------------------------------
+class _Liveness:
+    """What forksafe keeps in a pooled connection's ``record.info``."""
+
+    __slots__ = ("conn_id", "last", "learn", "plain_mysql", "poller", "retire", "threshold")
+
+    def __init__(self, conn_id: int, poller: Any, plain_mysql: bool) -> None:
+        self.conn_id = conn_id
+        self.poller = poller  # a select.poll on the connection's socket, or None
+        self.plain_mysql = plain_mysql  # MySQL protocol without TLS: readable means closed
+        self.last = _monotonic()  # time of the last checkout
+        self.retire: float | None = None  # idle seconds after which it is replaced unseen
+        self.learn = False  # ask the server's idle limit at the next checkout
+        # Idle seconds from which a checkout takes the slow path; -inf: the next one does.
+        self.threshold = math.inf
+
+
+def _is_tls(conn: Any) -> bool | None:
+    """Whether a MySQL driver connection runs over TLS; None when the driver cannot say."""
+    sock = getattr(conn, "_sock", None)  # PyMySQL
+    if sock is not None:
+        return isinstance(sock, ssl.SSLSocket)
+    return None
+
+
+# -- the pool subclasses ------------------------------------------------------------------------
+_CLASSES: dict[type, tuple[type, type]] = {}
+_CLASSES_LOCK = threading.Lock()
+
+
+def _tracked_classes(base: type) -> tuple[type, type]:
+    """(lean, pending) subclasses of the pool class ``base``, made once per class."""
+    with _CLASSES_LOCK:
+        found = _CLASSES.get(base)
+        if found is None:
+            found = _CLASSES[base] = _make_classes(base)
+        return found
+
+
+def _make_classes(base: Any) -> tuple[type, type]:
+    base_connect = base.connect
+    base_do_get = base._do_get
+    base_recreate = base.recreate
+    base_do_return_conn = base._do_return_conn
+
+    def connect(self: Any) -> Any:
+        if _getpid() != self._forksafe_pid:
+            return _connect_after_fork(self, base_connect)
+        return base_connect(self)
+
+    def _do_get(self: Any) -> Any:
+        rec = base_do_get(self)
+        # From here nothing may raise: the record is out of the queue (or holds an overflow
+        # slot) and only the caller's checkout would return it.
+        try:
+            now = _monotonic()
+            state = rec.info.get(_STATE_KEY)
+            if (
+                state is None
+                or now - state.last >= state.threshold
+                or (state.poller is not None and state.poller.poll(0))
+            ):
+                self._forksafe_adapter._checkout_slow(self, rec, state, now)
+            else:
+                state.last = now
+        except Exception as err:
+            _fork.report_internal_error(err, "forksafe's liveness check at checkout")
+        except BaseException as err:  # KeyboardInterrupt, greenlet exit: give it back
+            rec._checkin_failed(err, _fairy_was_created=False)
+            raise
+        return rec
+
+    def recreate(self: Any) -> Any:
+        new = base_recreate(self)
+        new.__class__ = lean  # a pending pool's successor has nothing pending
+        new._forksafe_adapter = self._forksafe_adapter
+        new._forksafe_pid = _getpid()
+        return new
+
+    def _do_return_conn(self: Any, record: Any) -> None:
+        # Only on a pool that had connections checked out when it was tracked.
+        try:
+            if _STATE_KEY not in record.info:
+                self._forksafe_adapter._returned_untracked(self, record)
+        except Exception as err:
+            _fork.report_internal_error(err, "recording a connection checked in after track()")
+        base_do_return_conn(self, record)
+
+    namespace = {
+        "__module__": base.__module__,
+        "__doc__": base.__doc__,
+        "_forksafe_base": base,
+        "connect": connect,
+        "_do_get": _do_get,
+        "recreate": recreate,
+    }
+    lean = type(base.__name__, (base,), dict(namespace))
+    pending = type(base.__name__, (lean,), {
+        "__module__": base.__module__,
+        "__doc__": base.__doc__,
+        "_do_return_conn": _do_return_conn,
+    })
+    return lean, pending
+
+
+def _connect_after_fork(pool: Any, base_connect: Any) -> Any:
+    """A checkout in a process the pool was not made for: reset, then use the new pool."""
+    _fork.after_fork()
+    adapter = vars(pool).get("_forksafe_adapter")
+    engine = adapter._engine() if adapter is not None else None
+    current = getattr(engine, "pool", None)
+    if (
+        current is not None
+        and current is not pool
+        and vars(current).get("_forksafe_pid") == _getpid()
+    ):
+        return current.connect()
+    # The engine still has this pool (its reset failed, or it is gone): start the pool over
+    # in this process. Its connections were registered, hence neutralised by the reset, so
+    # recycling them cannot reach the parent's sessions.
+    pool._forksafe_pid = _getpid()
+    pool._invalidate_time = time.time()
+    return base_connect(pool)
+
+
+def _is_tracked_pool(pool: Any) -> bool:
+    return "_forksafe_base" in vars(type(pool)) or "_forksafe_base" in vars(type(pool).__base__)
 
 
 class EngineAdapter:
-    """Installs forksafe's pool listeners on one engine and resets it in a child."""
+    """Makes one engine's pool forksafe's, and resets it in a child."""
 
     def __init__(
         self,
@@ -125,7 +298,7 @@ class EngineAdapter:
         )):
             raise ValueError(f"recycle must be 'auto', seconds > 0 or None, got {recycle!r}")
         driver = engine.dialect.driver
-        if driver not in SUPPORTED_DIALECT_DRIVERS:
+        if driver not in dialect_drivers():
             raise UnsupportedObjectError(
                 f"forksafe cannot protect {describe(engine)}: its driver {driver!r} is not "
                 f"supported. Supported drivers: {supported_names()} "
@@ -136,45 +309,44 @@ class EngineAdapter:
         self._origin = describe(engine)
         self._listeners: list[tuple[str, Any]] = []
         self._dialect = engine.dialect
+        self._mysql = engine.dialect.name in ("mysql", "mariadb")
         self.idle_check = idle_check
-        # "auto" learns the server's limit on connect. It never touches the pool's own
-        # ``pool_recycle`` (an age limit the user chose): the two work side by side.
+        # "auto" learns the server's limit at each connection's first checkout. It never
+        # touches the pool's own ``pool_recycle`` (an age limit the user chose).
         self._learn_limit = recycle == "auto"
         self.retire_after: float | None = (
             float(recycle) if isinstance(recycle, (int, float)) else None
         )
-        # The one number the hot path compares with: the smallest idle time that needs any
-        # action. Lowered (never raised) as connections report their server's limit; a
-        # plain float write, atomic under the GIL, so checkouts read it without a lock.
-        self._check_after = math.inf
-        self._update_threshold(None)
-
-    def _update_threshold(self, learned: float | None) -> None:
-        candidates = [t for t in (self.idle_check, self.retire_after, learned) if t is not None]
-        if candidates:
-            self._check_after = min(self._check_after, *candidates)
+        self._limits_logged: set[float] = set()
 
     # -- hooks -----------------------------------------------------------------------------
     def attach(self) -> None:
-        """Install the listeners and record the connections the pool already has."""
+        """Make the engine's pool a tracked one, add the two listeners, record what the
+        pool holds. Never connects."""
         engine = self._engine()
         if engine is None:
             return
         self._listen(engine, "connect", self._on_connect)
-        self._listen(engine, "checkout", self._on_checkout)
-        if self.idle_check is not None or self.retire_after is not None or self._learn_limit:
-            self._listen(engine, "checkin", self._on_checkin_idle)
         self._listen(engine, "handle_error", self._on_error)
-        for record in _idle_records(engine.pool):
+        pool: Any = engine.pool
+        if not _is_tracked_pool(pool):
+            checked_out = 0
+            try:
+                checked_out = int(getattr(pool, "checkedout", lambda: 0)())
+            except Exception:  # a pool type without a count: nothing pending
+                checked_out = 0
+            lean, pending = _tracked_classes(type(pool))
+            pool._forksafe_adapter = self
+            pool._forksafe_pid = _getpid()
+            pool._forksafe_pending = checked_out
+            pool.__class__ = pending if checked_out > 0 else lean
+        for record in _idle_records(pool):
             conn = _record_connection(record)
             if conn is not None:
-                self._register(conn)
-        checked_out = getattr(engine.pool, "checkedout", lambda: 0)()
-        if checked_out:
-            self._listen(engine, "checkin", self._on_checkin)
+                self._new_state(record, conn)
 
     def detach(self) -> None:
-        """Remove every listener `attach` installed."""
+        """Remove the listeners and give the pool its own class back."""
         engine = self._engine()
         listeners, self._listeners = self._listeners, []
         if engine is None:
@@ -182,6 +354,14 @@ class EngineAdapter:
         for name, fn in listeners:
             if event.contains(engine, name, fn):
                 event.remove(engine, name, fn)
+        pool: Any = engine.pool
+        if _is_tracked_pool(pool) and vars(pool).get("_forksafe_adapter") is self:
+            pool.__class__ = type(pool)._forksafe_base
+            vars(pool).pop("_forksafe_adapter", None)
+            vars(pool).pop("_forksafe_pid", None)
+            vars(pool).pop("_forksafe_pending", None)
+            for record in _idle_records(pool):
+                record.info.pop(_STATE_KEY, None)
 
     def _listen(self, engine: Engine, name: str, fn: Any) -> None:
         event.listen(engine, name, fn)
@@ -190,40 +370,59 @@ class EngineAdapter:
     def _engine(self) -> Engine | None:
         return self._engine_ref()
 
-    def _register(self, dbapi_connection: Any) -> None:
+    def _new_state(self, record: Any, dbapi_connection: Any) -> _Liveness:
+        """Record a pooled connection: in the registry, and its liveness state."""
         conn = unwrap(dbapi_connection)
         driver = find_driver(conn)
-        if driver is None:
+        poller = None
+        plain_mysql = False
+        if driver is not None:
+            REGISTRY.add_connection(
+                conn,
+                ConnectionEntry(driver=driver, pid=_getpid(), origin=self._origin, owner=self),
+            )
+            try:
+                fd = driver.socket_fd(conn)
+            except Exception as err:
+                _fork.report_internal_error(
+                    err, f"finding the socket of a {driver.name} connection"
+                )
+                fd = None
+            if fd is not None:
+                poller = select.poll()
+                poller.register(fd, _POLL_EVENTS)
+            plain_mysql = self._mysql and _is_tls(conn) is False
+        state = _Liveness(id(dbapi_connection), poller, plain_mysql)
+        state.retire = self.retire_after
+        state.learn = self._learn_limit
+        self._set_threshold(state)
+        record.info[_STATE_KEY] = state
+        return state
+
+    def _set_threshold(self, state: _Liveness) -> None:
+        if state.learn:
+            state.threshold = -math.inf
             return
-        REGISTRY.add_connection(
-            conn,
-            ConnectionEntry(
-                driver=driver,
-                pid=os.getpid(),
-                origin=self._origin,
-                owner=self,
-            ),
-        )
+        candidates = [t for t in (self.idle_check, state.retire) if t is not None]
+        state.threshold = min(candidates) if candidates else math.inf
 
     def _on_connect(self, dbapi_connection: Any, connection_record: Any) -> None:
-        self._register(dbapi_connection)
-        if self._learn_limit:
-            try:
-                limit = server_idle_limit(self._dialect.name, dbapi_connection)
-            except Exception as err:  # never fail a connect over an optimisation
-                logger.debug("forksafe: %s: could not read the server's idle limit: %r",
-                             self._origin, err)
-                return
-            if limit is not None:
-                retire = limit * RETIRE_FRACTION
-                if self.retire_after is not None:
-                    retire = min(retire, self.retire_after)
-                connection_record.info[_RETIRE_AFTER] = retire
-                self._update_threshold(retire)
+        self._new_state(connection_record, dbapi_connection)
 
-    def _on_checkin_idle(self, dbapi_connection: Any, connection_record: Any) -> None:
-        if connection_record is not None:
-            connection_record.info[_IDLE_SINCE] = time.monotonic()
+    def _returned_untracked(self, pool: Any, record: Any) -> None:
+        """A connection checked out before track() came back: record it. Once none is
+        out any more, the pool becomes the lean class."""
+        conn = _record_connection(record)
+        if conn is not None:
+            self._new_state(record, conn)
+        pool._forksafe_pending -= 1
+        try:  # those checked out meanwhile are counted too: never more than this
+            out = int(pool.checkedout()) - 1  # this one is counted until the base returns it
+        except Exception:
+            out = 0
+        if pool._forksafe_pending <= 0 or out <= 0:
+            lean, _ = _tracked_classes(type(pool)._forksafe_base)
+            pool.__class__ = lean
 
     def _on_error(self, context: Any) -> None:
         # SQLAlchemy's error carries the statement: its size tells a packet too large
@@ -235,43 +434,80 @@ class EngineAdapter:
             context.is_disconnect = True
         errors.report(original, self._origin)
 
-    def _on_checkin(self, dbapi_connection: Any, connection_record: Any) -> None:
-        if dbapi_connection is not None:
-            self._register(dbapi_connection)
-
-    def _on_checkout(self, dbapi_connection: Any, connection_record: Any, proxy: Any) -> None:
-        if os.getpid() != _fork.current_pid():
-            # A fork that no hook saw: reset now, then make the pool replace this
-            # inherited connection (its socket is neutralised by the reset).
-            _fork.after_fork()
-            raise exc.DisconnectionError(
-                "forksafe: this connection was inherited across a fork; opening a new one"
-            )
-        # The hot path of a pooled connection: one dict lookup, one clock read, one compare.
-        since = connection_record.info.get(_IDLE_SINCE)
-        if since is not None and time.monotonic() - since >= self._check_after:
-            self._check_idle(dbapi_connection, connection_record, since)
-
-    def _check_idle(self, dbapi_connection: Any, record: Any, since: float) -> None:
-        """A connection idle long enough that it may be dead: retire it, or ping it."""
-        idle = time.monotonic() - since
-        retire = record.info.get(_RETIRE_AFTER, self.retire_after)
-        if retire is not None and idle >= retire:
-            raise exc.DisconnectionError(
-                f"forksafe: connection idle {idle:.1f}s, past {retire:.1f}s (90% of the "
-                "server's idle limit, or recycle=); replacing it without a round trip"
-            )
-        if self.idle_check is None or idle < self.idle_check:
+    # -- checkout --------------------------------------------------------------------------
+    def _checkout_slow(self, pool: Any, record: Any, state: _Liveness | None, now: float) -> None:
+        """The rare part of a checkout: a new or unknown connection, a readable socket, an
+        idle time past a threshold. Replaces a dead connection by invalidating its record
+        (SQLAlchemy then reconnects it before handing it out)."""
+        conn = _record_connection(record)
+        if conn is None:
+            return  # invalidated earlier: SQLAlchemy reconnects it now
+        if state is None or state.conn_id != id(conn):
+            state = self._new_state(record, conn)
+            state.last = now
+        idle = now - state.last
+        state.last = now
+        if state.learn:
+            state.learn = False
+            self._learn(conn, state)
+            self._set_threshold(state)
+            idle = 0.0  # a new connection
+        reason = None
+        invalidate_pool = False
+        readable = state.poller.poll(0) if state.poller is not None else []
+        if readable:
+            if state.plain_mysql or any(ev & _CLOSED_EVENTS for _, ev in readable):
+                reason = "the server closed it while it was idle"
+            else:
+                reason = self._ping(conn, "its socket was readable while idle")
+        elif state.retire is not None and idle >= state.retire:
+            reason = (f"idle {idle:.1f}s, past {state.retire:.1f}s (90% of the server's idle "
+                      "limit, or recycle=)")
+        elif self.idle_check is not None and idle >= self.idle_check:
+            reason = self._ping(conn, f"idle {idle:.1f}s")
+            invalidate_pool = reason is not None
+        if reason is None:
             return
+        logger.debug("forksafe: %s: replacing a pooled connection before use: %s",
+                     self._origin, reason)
+        if invalidate_pool:
+            # A silent failure of an idle connection usually means a restart or a cut:
+            # every connection older than this one is recycled at its next checkout.
+            pool._invalidate_time = time.time()
+        record.invalidate(exc.DisconnectionError(f"forksafe: {reason}"))
+
+    def _ping(self, conn: Any, why: str) -> str | None:
+        """None if the connection answers a ping; else why it is replaced."""
         try:
-            self._dialect.do_ping(dbapi_connection)
+            alive = self._dialect.do_ping(conn)
         except Exception as err:
             errors.report(err, self._origin)
-            raise exc.InvalidatePoolError(
-                f"forksafe: connection idle {idle:.1f}s failed its liveness check ({err!r}); "
-                "replacing it and every older pooled connection"
-            ) from err
-        record.info[_IDLE_SINCE] = time.monotonic()
+            return f"{why}, and it failed a ping ({err!r})"
+        return None if alive else f"{why}, and it failed a ping"
+
+    def _learn(self, conn: Any, state: _Liveness) -> None:
+        """Ask the server its idle limit (after the application's connect listeners ran)."""
+        try:
+            limit = server_idle_limit(self._dialect.name, conn)
+        except Exception as err:  # never fail a checkout over an optimisation
+            logger.debug("forksafe: %s: could not read the server's idle limit: %r",
+                         self._origin, err)
+            try:  # leave no trace: an aborted transaction would fail the first statement
+                conn.rollback()
+            except Exception as rollback_err:
+                logger.debug("forksafe: %s: rollback after that failed: %r",
+                             self._origin, rollback_err)
+            return
+        if limit is None:
+            return
+        retire = limit * RETIRE_FRACTION
+        if self.retire_after is not None:
+            retire = min(retire, self.retire_after)
+        state.retire = retire
+        if limit not in self._limits_logged and len(self._limits_logged) < 16:
+            self._limits_logged.add(limit)
+            logger.debug("forksafe: %s: the server closes connections idle %gs; forksafe "
+                         "replaces them after %gs idle", self._origin, limit, retire)
 
     # -- fork ------------------------------------------------------------------------------
     def reset_in_child(self) -> None:

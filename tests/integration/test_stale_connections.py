@@ -14,7 +14,7 @@ from typing import Any
 
 import MySQLdb
 import pytest
-from sqlalchemy import create_engine, exc, text
+from sqlalchemy import create_engine, event, exc, text
 
 import forksafe
 from forksafe.testing.proxy import FaultProxy
@@ -87,10 +87,10 @@ def test_hot_connections_are_never_pinged(server: Any) -> None:
     assert len(pre_pings) == 49  # every checkout but the first (a fresh connection)
 
 
-def test_idle_connection_killed_is_replaced_and_restart_drops_older(server: Any) -> None:
-    """An idle pooled connection whose server restarted is pinged, found dead, and replaced;
-    the pool then drops every older connection without pinging each. Without forksafe the
-    first use after the restart fails."""
+def test_idle_connections_of_a_restarted_server_are_replaced_unpinged(server: Any) -> None:
+    """Idle pooled connections whose server restarted are replaced at checkout, each seen
+    dead in its socket: no ping, even past idle_check. Without forksafe the first use after
+    the restart fails."""
     tracked = forksafe.track(create_engine(server.url(), pool_size=3), idle_check=0.5,
                              recycle=None)
     plain = create_engine(server.url(), pool_size=3)
@@ -106,14 +106,14 @@ def test_idle_connection_killed_is_replaced_and_restart_drops_older(server: Any)
     fill(tracked)
     fill(plain)
     server.restart()
-    time.sleep(0.6)
+    time.sleep(0.6)  # past idle_check: the socket check still answers first
     with pytest.raises(exc.OperationalError), plain.connect() as conn:
         conn.execute(text("SELECT 1"))
     held = [tracked.connect() for _ in range(3)]
     assert [c.execute(text("SELECT 1")).scalar() for c in held] == [1, 1, 1]
     for conn in held:
         conn.close()
-    assert len(pings) == 1, "one failed ping invalidates the older connections at once"
+    assert pings == [], "a closed socket is seen without a round trip"
 
 
 def test_disconnect_errors_invalidate_the_pool_and_are_explained(
@@ -216,3 +216,131 @@ def test_read_survives_a_restart(server: Any) -> None:
         restarter.join()
     with MySQLdb.connect(**server.connect_kwargs()) as check:
         assert check.open
+
+
+# -- liveness at checkout: a session the server closed while idle ------------------------------
+POOLED = 4
+
+
+@pytest.fixture(scope="module")
+def liveness_server() -> Iterator[Any]:
+    """A private MariaDB the liveness tests kill sessions on and restart."""
+    server = start_mariadb()
+    yield server
+    server.cleanup()
+
+
+def wait_until(condition: Any, what: str, timeout: float = 60.0) -> None:
+    """Poll ``condition()`` until it is true; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up after {timeout:.0f}s waiting until {what}")
+        time.sleep(0.05)
+
+
+def open_pooled(engine: Any, n: int = POOLED) -> list[int]:
+    """Open ``n`` connections at once, use each, return them all: ``n`` idle in the pool."""
+    conns = [engine.connect() for _ in range(n)]
+    try:
+        return [int(c.execute(text("SELECT CONNECTION_ID()")).scalar()) for c in conns]
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def concurrent_requests(engine: Any, n: int = POOLED) -> int:
+    """``n`` requests at once (each checks out a connection, then queries); the failures."""
+    failures = 0
+    conns = [engine.connect() for _ in range(n)]
+    try:
+        for conn in conns:
+            try:
+                conn.execute(text("SELECT 1")).scalar()
+            except exc.OperationalError:
+                failures += 1
+    finally:
+        for conn in conns:
+            conn.close()
+    return failures
+
+
+def server_sessions(server: Any) -> set[int]:
+    return {int(r[0]) for r in server.execute(
+        "SELECT ID FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID()")}
+
+
+@pytest.mark.parametrize("fault", ["kill", "restart", "wait_timeout"])
+def test_connections_closed_while_idle_are_replaced_without_a_round_trip(
+    liveness_server: Any, fault: str
+) -> None:
+    """``POOLED`` connections idle in each pool; the server closes them all (``KILL``, a
+    restart, or the ``wait_timeout`` the application sets on connect); then ``POOLED``
+    concurrent requests. A plain engine fails every one of them; ``pool_pre_ping`` fails
+    none at a ping per checkout; a tracked engine fails none and pings nothing: it saw at
+    checkout, in the socket, that the server had closed the connection."""
+    server = liveness_server
+
+    def make(**options: Any) -> Any:
+        engine = create_engine(server.url(), pool_size=POOLED, **options)
+        if fault == "wait_timeout":
+            @event.listens_for(engine, "connect")
+            def short_idle_limit(dbapi_connection: Any, record: Any) -> None:
+                cursor = dbapi_connection.cursor()
+                cursor.execute("SET SESSION wait_timeout = 2")
+                cursor.close()
+        return engine
+
+    engines = {
+        "plain": make(),
+        "pool_pre_ping": make(pool_pre_ping=True),
+        # the socket check alone: no ping after idle, no retirement by the idle limit
+        "forksafe": forksafe.track(make(), idle_check=None, recycle=None),
+        "forksafe defaults": forksafe.track(make()),
+    }
+    pings = {name: count_pings(engine) for name, engine in engines.items()}
+    try:
+        pooled = {name: open_pooled(engine) for name, engine in engines.items()}
+        everyone = {cid for ids in pooled.values() for cid in ids}
+        for ids in pooled.values():
+            assert len(set(ids)) == POOLED
+        if fault == "kill":
+            for cid in sorted(everyone):
+                server.execute(f"KILL CONNECTION {cid}")
+        elif fault == "restart":
+            server.restart()
+        wait_until(lambda: not everyone & server_sessions(server),
+                   "the server no longer lists the pooled sessions")
+        failures = {name: concurrent_requests(engine) for name, engine in engines.items()}
+    finally:
+        for name, engine in engines.items():
+            if name.startswith("forksafe"):
+                forksafe.untrack(engine)
+            engine.dispose()
+    assert failures["plain"] == POOLED, failures
+    assert failures["pool_pre_ping"] == 0, failures
+    assert pings["pool_pre_ping"], "pool_pre_ping found the dead connections by pinging"
+    assert failures["forksafe"] == 0, failures
+    assert pings["forksafe"] == [], "the socket told forksafe, without a ping"
+    assert failures["forksafe defaults"] == 0, failures
+
+
+def test_hot_connections_get_no_round_trip_from_the_socket_check(liveness_server: Any) -> None:
+    """Healthy connections reused at once: the socket check finds nothing to read, so
+    forksafe sends nothing (no ping), where pool_pre_ping pings every checkout."""
+    tracked = forksafe.track(create_engine(liveness_server.url(), pool_size=POOLED),
+                             idle_check=None, recycle=None)
+    pings = count_pings(tracked)
+    try:
+        open_pooled(tracked)
+        ids = set()
+        for _ in range(5):
+            conns = [tracked.connect() for _ in range(POOLED)]
+            for conn in conns:
+                ids.add(int(conn.execute(text("SELECT CONNECTION_ID()")).scalar()))
+                conn.close()
+    finally:
+        forksafe.untrack(tracked)
+        tracked.dispose()
+    assert pings == []
+    assert len(ids) <= POOLED, "no healthy connection was replaced"
