@@ -490,13 +490,9 @@ class EngineAdapter:
         try:
             limit = server_idle_limit(self._dialect.name, conn)
         except Exception as err:  # never fail a checkout over an optimisation
+            # (server_idle_limit leaves the connection as it found it, even when it fails)
             logger.debug("forksafe: %s: could not read the server's idle limit: %r",
                          self._origin, err)
-            try:  # leave no trace: an aborted transaction would fail the first statement
-                conn.rollback()
-            except Exception as rollback_err:
-                logger.debug("forksafe: %s: rollback after that failed: %r",
-                             self._origin, rollback_err)
             return
         if limit is None:
             return
