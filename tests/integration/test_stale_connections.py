@@ -344,3 +344,40 @@ def test_hot_connections_get_no_round_trip_from_the_socket_check(liveness_server
         tracked.dispose()
     assert pings == []
     assert len(ids) <= POOLED, "no healthy connection was replaced"
+
+
+@pytest.mark.parametrize("how", ["track", "instrument"])
+def test_auto_recycle_learns_the_limit_the_application_sets_on_connect(
+    liveness_server: Any, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An application that sets ``wait_timeout`` in its own ``connect`` listener, added
+    after the engine was tracked (always so under instrument(), which tracks inside
+    ``create_engine``): forksafe learns the value the application set, not the server's
+    default, because it asks at the connection's first checkout, after every listener."""
+    caplog.set_level("DEBUG", logger="forksafe")
+    if how == "instrument":
+        forksafe.instrument()
+        try:
+            engine = create_engine(liveness_server.url())
+        finally:
+            forksafe.uninstrument()
+        assert forksafe.is_tracked(engine)
+    else:
+        engine = forksafe.track(create_engine(liveness_server.url()))
+
+    @event.listens_for(engine, "connect")
+    def app_sets_its_idle_limit(dbapi_connection: Any, record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SET SESSION wait_timeout = 7")
+        cursor.close()
+
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT @@session.wait_timeout")).scalar() == 7
+    finally:
+        forksafe.untrack(engine)
+        engine.dispose()
+    learned = [r.getMessage() for r in caplog.records if "closes connections idle" in
+               r.getMessage()]
+    assert learned, "forksafe logs the idle limit it learned"
+    assert all("idle 7s" in m for m in learned), learned
