@@ -39,6 +39,7 @@ from typing import Any, TypeVar, overload
 
 try:
     import django  # noqa: F401 - the install hint below is for this import
+    from django.conf import settings
     from django.db import DatabaseError, close_old_connections, connections
     from django.db.backends.signals import connection_created
 except ImportError as _err:  # pragma: no cover - exercised by users without Django
@@ -108,6 +109,8 @@ def track_inherited_in_child() -> None:
     connection opened before ``forksafe.django`` was installed, and the idle connections of
     Django's PostgreSQL pools (opened by the pool, never checked out).
     """
+    if not settings.configured:  # no settings were loaded, so no connection exists
+        return
     parent = _fork.current_pid()  # still the parent's pid: the reset has not run yet
     for wrapper in connections.all(initialized_only=True):
         if wrapper.connection is not None:
@@ -165,6 +168,8 @@ def reset_connections_in_child() -> None:
     process: in the parent it would drop live connections, so it is only registered as an
     after-fork callback, which runs in children only.
     """
+    if not settings.configured:  # no settings were loaded, so no connection exists
+        return
     for wrapper in connections.all(initialized_only=True):
         try:
             _drop(wrapper)

@@ -67,3 +67,24 @@ def test_unit_of_work_with_and_without_parentheses() -> None:
                           timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "ok"
+
+
+def test_fork_before_django_is_configured_reports_nothing() -> None:
+    """forksafe.django imported in a process whose Django settings were never configured:
+    a forked child has nothing to reset and no internal error."""
+    script = textwrap.dedent("""
+        import os
+        import forksafe, forksafe.django
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, repr(forksafe.internal_errors()).encode())
+            os._exit(0)
+        os.close(w)
+        print(os.read(r, 65536).decode())
+        os.waitpid(pid, 0)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
