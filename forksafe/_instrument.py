@@ -90,8 +90,11 @@ class ConnectionInfo:
         pid: the process that opened it.
         origin: how it came to forksafe (``track()``, an engine URL with the password
             masked, or ``file:line`` of its creation when instrumented).
-        state: ``open``, ``closed``, ``inherited`` (opened by another process), or
-            ``unknown`` (the driver could not tell).
+        state: ``open``, ``closed``, ``closed-by-server`` (the server ended the session:
+            its socket shows the server's hang-up, learned without a round trip: a zero-time
+            poll; a session still open on the server but unusable is not seen),
+            ``inherited`` (opened by another process), or ``unknown`` (the driver could
+            not tell).
         tracked: whether forksafe protects it.
     """
 
@@ -235,7 +238,24 @@ def _state(conn: Any, owner: int, pid: int) -> str:
         return "unknown"
     if fd is None:
         return "closed"
-    return "inherited" if owner != pid else "open"
+    if owner != pid:
+        return "inherited"
+    return "closed-by-server" if _peer_hung_up(fd) else "open"
+
+
+def _peer_hung_up(fd: int) -> bool:
+    """Whether the other end closed this socket: a zero-timeout poll (no byte sent, nothing
+    read). A reply in flight to a query of another thread is not a hang-up (POLLIN alone)."""
+    import select
+
+    flags = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+    try:
+        poller = select.poll()
+        poller.register(fd, flags)
+        events = poller.poll(0)
+    except (OSError, ValueError):
+        return False
+    return any(mask & flags for _fd, mask in events)
 
 
 # -- creation sites -----------------------------------------------------------------------------
