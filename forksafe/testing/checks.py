@@ -145,6 +145,9 @@ _CATEGORY_OF_CODE: dict[str, str] = {
     "mysql-protocol": SYNC,  # PyMySQL: "Packet sequence number wrong"
     "sa-result-closed": CLOSED,
     "sa-no-such-column": COLUMN,
+    # SQLAlchemy 2.x's form of the same symptom: a bare NotImplementedError raised in
+    # ResultMetaData._indexes_for_keys when the ORM reads a reply without columns
+    "sa-no-result-metadata": COLUMN,
 }
 
 

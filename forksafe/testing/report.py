@@ -183,8 +183,9 @@ def render_table(results: Sequence[RunResult], header: Sequence[str] = ()) -> st
         "request's data.",
         "2006 gone away, 2013 lost connection, 2014 commands out of sync, closed: "
         "ResourceClosedError,",
-        "column: NoSuchColumnError / missing column, other: any other error, hung: no "
-        "answer in time or worker killed.",
+        "column: NoSuchColumnError, SQLAlchemy 2.x's NotImplementedError from "
+        "_indexes_for_keys, or a missing column,",
+        "other: any other error, hung: no answer in time or worker killed.",
     ]
     return "\n".join(lines)
 

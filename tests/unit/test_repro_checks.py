@@ -150,3 +150,18 @@ def test_http_outcomes() -> None:
     assert classify_http(3, 500, b"<html>Internal Server Error</html>")[0] == checks.OTHER
     assert classify_http(3, 502, b"Bad Gateway")[0] == checks.HUNG
     assert classify_http(3, 200, b"not json")[0] == checks.WRONG
+
+
+def test_sqlalchemy_2_indexes_for_keys_symptom_is_the_column_column() -> None:
+    """SQLAlchemy 2.x's bare NotImplementedError from ``_indexes_for_keys`` (where 1.x raised
+    NoSuchColumnError) counts in the 'column' column, not as 'other'; a NotImplementedError
+    raised elsewhere stays 'other'."""
+    from sqlalchemy import Column, Integer, MetaData, Table, create_engine, text
+
+    table = Table("t", MetaData(), Column("id", Integer))
+    with create_engine("sqlite://").connect() as conn:
+        result = conn.execute(text("CREATE TABLE t (id INTEGER)"))  # a reply without columns
+        with pytest.raises(NotImplementedError) as caught:
+            result._metadata._row_as_tuple_getter([table.c.id])
+    assert checks.classify_exception(caught.value) == checks.COLUMN
+    assert checks.classify_exception(NotImplementedError()) == checks.OTHER
