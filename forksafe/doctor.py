@@ -217,8 +217,8 @@ def _idle_finding(shown: str, name: str, secs: int, ctx: Context) -> list[Findin
             "warning", "url", f"{where} = {timeout} s is longer than {name} = {secs} s: a "
             f"request that keeps its connection idle longer than {secs} s (waiting on another "
             "service, a slow computation) finds it dropped mid-request, where no pool check "
-            "can help", f"raise {name} above {timeout} s, or lower the worker timeout below "
-            f"{secs} s"))
+            "can help", f"raise {name} above {timeout} s"
+            + (f", or lower the worker timeout below {secs} s" if secs >= 60 else "")))
     return out
 
 

@@ -326,6 +326,7 @@ def test_idle_limit_advice_a_person_would_follow(tmp_path: Path) -> None:
                 in f["message"]]
         assert len(late) == 1, out
         assert late[0]["severity"] == "warning", out
+        assert late[0]["fix"] == "raise wait_timeout above 30 s", out  # not "harakiri < 3 s"
     finally:
         server.cleanup()
     server = _private_mariadb("--wait-timeout=300")
