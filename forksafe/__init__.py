@@ -27,7 +27,13 @@ from forksafe._instrument import (
 )
 from forksafe._process_local import ProcessLocal
 from forksafe._registry import REGISTRY, ConnectionEntry
-from forksafe.drivers import find_driver, supported_names, unwrap
+from forksafe.drivers import (
+    find_driver,
+    register_driver,
+    supported_names,
+    unregister_driver,
+    unwrap,
+)
 from forksafe.exceptions import (
     ChildDeadlockedError,
     CommitUnknownError,
@@ -56,10 +62,12 @@ __all__ = [
     "internal_errors",
     "is_instrumented",
     "is_tracked",
+    "register_driver",
     "retry_on_disconnect",
     "retrying",
     "track",
     "uninstrument",
+    "unregister_driver",
     "untrack",
 ]
 

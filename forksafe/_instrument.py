@@ -52,7 +52,7 @@ from typing import Any
 from forksafe import _fork
 from forksafe._registry import REGISTRY, ConnectionEntry
 from forksafe._state import ForkLock, weak_keys
-from forksafe.drivers import find_driver, unwrap
+from forksafe.drivers import dialect_drivers, driver_for_dialect, find_driver, unwrap
 from forksafe.exceptions import ForkSafetyWarning, UntrackedConnectionError
 
 __all__ = [
@@ -214,7 +214,9 @@ def connections() -> list[ConnectionInfo]:
         origin = getattr(adapter, "_origin", "engine")
         if site is not None:
             origin = f"{origin} at {site.site}"
-        out.append(ConnectionInfo("engine", engine.dialect.driver, site.pid if site else pid,
+        driver = driver_for_dialect(engine.dialect.driver)  # the name raw connections get
+        name = driver.name if driver is not None else engine.dialect.driver
+        out.append(ConnectionInfo("engine", name, site.pid if site else pid,
                                   origin, "open", True))
     with _LOCK:
         records = list(_SEEN.items())
@@ -303,7 +305,7 @@ def _on_new_engine(engine: Any) -> None:
             import forksafe
             from forksafe import sqlalchemy as sa_adapter
 
-            if engine.dialect.driver in sa_adapter.SUPPORTED_DIALECT_DRIVERS:
+            if engine.dialect.driver in dialect_drivers():
                 forksafe.track(engine)
             else:
                 logger.warning(

@@ -301,9 +301,9 @@ class EngineAdapter:
         if driver not in dialect_drivers():
             raise UnsupportedObjectError(
                 f"forksafe cannot protect {describe(engine)}: its driver {driver!r} is not "
-                f"supported. Supported drivers: {supported_names()} "
-                "(SQLAlchemy URLs mysql+mysqldb, mysql+pymysql, postgresql+psycopg2, "
-                "postgresql+psycopg)."
+                f"supported. Supported drivers: {supported_names()} (SQLAlchemy dialect "
+                f"drivers {', '.join(sorted(dialect_drivers()))}); forksafe.register_driver() "
+                "adds another."
             )
         self._engine_ref = weakref.ref(engine)
         self._origin = describe(engine)

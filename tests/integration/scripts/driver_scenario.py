@@ -48,9 +48,33 @@ def session_query(url) -> str:
     )
 
 
-def raw_connect(url):
+ASYNC_DRIVERS = ("asyncpg", "aiomysql", "asyncmy")
+# The parent's one event loop: asyncio connections belong to the loop that opened them, so the
+# parent keeps using this one; a child starts its own (asyncio.run), like a uvicorn worker.
+PARENT: dict = {"pid": os.getpid(), "loop": None}
+PARENT_WAIT = 15.0
+
+
+def run_async(coro):
+    """Run ``coro`` on the parent's loop in the parent, on a new loop of its own in a child."""
+    if os.getpid() != PARENT["pid"]:
+        return asyncio.run(coro)
+    if PARENT["loop"] is None:
+        PARENT["loop"] = asyncio.new_event_loop()
+    # bounded: a child that touched the parent's event loop (its epoll set is shared across
+    # fork) can leave the parent waiting for ever on a socket its loop no longer watches
+    return PARENT["loop"].run_until_complete(asyncio.wait_for(coro, PARENT_WAIT))
+
+
+def is_async_raw(url) -> bool:
+    return url.get_driver_name() in ASYNC_DRIVERS
+
+
+def raw_connect(url):  # noqa: PLR0911 - one branch per driver
     driver = url.get_driver_name()
     kwargs = {"host": url.host, "port": url.port, "user": url.username}
+    if driver in ASYNC_DRIVERS:
+        return run_async(async_raw_connect(url))
     if driver == "mysqldb":
         import MySQLdb
 
@@ -59,6 +83,23 @@ def raw_connect(url):
         import pymysql
 
         return pymysql.connect(**kwargs, database=url.database, autocommit=True)
+    if driver == "mysqlconnector":
+        import mysql.connector
+
+        pure = str(url.query.get("use_pure", "")).lower() in ("1", "true")
+        conn = mysql.connector.connect(**kwargs, database=url.database, use_pure=pure)
+        conn.autocommit = True
+        return conn
+    if driver == "mariadbconnector":
+        import mariadb
+
+        return mariadb.connect(**kwargs, database=url.database, autocommit=True)
+    if driver == "pg8000":
+        import pg8000
+
+        conn = pg8000.connect(**kwargs, database=url.database)
+        conn.autocommit = True
+        return conn
     if driver == "psycopg2":
         import psycopg2
 
@@ -70,13 +111,54 @@ def raw_connect(url):
     return psycopg.connect(**kwargs, dbname=url.database, autocommit=True)
 
 
+async def async_raw_connect(url):
+    driver = url.get_driver_name()
+    kwargs = {"host": url.host, "port": url.port, "user": url.username}
+    if driver == "asyncpg":
+        import asyncpg
+
+        return await asyncpg.connect(**kwargs, database=url.database)
+    if driver == "aiomysql":
+        import aiomysql
+
+        return await aiomysql.connect(**kwargs, db=url.database, autocommit=True)
+    import asyncmy
+
+    return await asyncmy.connect(**kwargs, database=url.database, autocommit=True)
+
+
+async def async_raw_session(conn, query: str) -> int:
+    if hasattr(conn, "fetchval"):  # asyncpg
+        return int(await conn.fetchval(query))
+    async with conn.cursor() as cur:
+        await cur.execute(query)
+        (sid,) = await cur.fetchone()
+    return int(sid)
+
+
+async def async_raw_close(conn) -> None:
+    """The graceful close an application awaits (asyncpg close(); the MySQL drivers'
+    ensure_closed(), which sends COM_QUIT; their close() only drops the transport)."""
+    if hasattr(conn, "ensure_closed"):
+        await conn.ensure_closed()
+    else:
+        await conn.close()
+
+
+def monitor_url(url):
+    """A sync driver on the same server, to ask it about sessions."""
+    backend = url.get_backend_name()
+    return url.set(drivername="postgresql+psycopg2" if backend == "postgresql"
+                   else "mysql+pymysql", query={})
+
+
 def session_alive(url, sid: int) -> bool:
     """Whether the server still lists session ``sid``, asked on a separate connection."""
     if url.get_backend_name() == "postgresql":
         sql = f"SELECT COUNT(*) FROM pg_stat_activity WHERE pid = {int(sid)}"
     else:
         sql = f"SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = {int(sid)}"
-    monitor = raw_connect(url)
+    monitor = raw_connect(monitor_url(url))
     try:
         return raw_session(monitor, sql) == 1
     finally:
@@ -84,11 +166,17 @@ def session_alive(url, sid: int) -> bool:
 
 
 def raw_session(conn, query: str) -> int:
+    if is_async_conn(conn):
+        return run_async(async_raw_session(conn, query))
     cur = conn.cursor()
     cur.execute(query)
     (sid,) = cur.fetchone()
     cur.close()
     return int(sid)
+
+
+def is_async_conn(conn) -> bool:
+    return type(conn).__module__.split(".")[0] in ASYNC_DRIVERS
 
 
 def engine_session(engine, query: str) -> int:
@@ -110,7 +198,7 @@ def session_id(query: str) -> int:
     if "raw" in STATE:
         return raw_session(STATE["raw"], query)
     if "async" in STATE:
-        return asyncio.run(async_session(STATE["async"], query))
+        return run_async(async_session(STATE["async"], query))
     return engine_session(STATE["engine"], query)
 
 
@@ -231,14 +319,37 @@ def child(args, url, query: str, write_fd: int) -> None:
         action = args.action
         engine, aengine, raw = STATE.get("engine"), STATE.get("async"), STATE.get("raw")
         held = STATE.get("held")
-        if action == "use":
+        if action == "use" and aengine is not None:
+            # one loop of the child's own (asyncio connections belong to the loop that
+            # opened them): the inherited engine first, then again for a session of its own
+            async def use_twice() -> None:
+                try:
+                    report["inherited_id"] = await async_session(aengine, query)
+                except Exception as exc:
+                    report["inherited_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                try:
+                    report["own_id"] = await async_session(aengine, query)
+                except Exception as exc:
+                    report["own_error"] = f"{type(exc).__name__}: {exc}"[:400]
+
+            asyncio.run(use_twice())
+        elif action == "use":
             # the inherited object first, then a connection of the child's own
             try:
                 report["inherited_id"] = session_id(query)
             except Exception as exc:
                 report["inherited_error"] = f"{type(exc).__name__}: {exc}"[:300]
             try:
-                if raw is not None:
+                if raw is not None and is_async_conn(raw):
+                    async def own_session() -> int:
+                        own = await async_raw_connect(url)
+                        try:
+                            return await async_raw_session(own, query)
+                        finally:
+                            await async_raw_close(own)
+
+                    report["own_id"] = asyncio.run(own_session())
+                elif raw is not None:
                     own = raw_connect(url)
                     report["own_id"] = raw_session(own, query)
                     own.close()
@@ -247,14 +358,16 @@ def child(args, url, query: str, write_fd: int) -> None:
             except Exception as exc:
                 report["own_error"] = f"{type(exc).__name__}: {exc}"[:400]
         elif action == "close":
-            if raw is not None:
+            if raw is not None and is_async_conn(raw):
+                asyncio.run(async_raw_close(raw))
+            elif raw is not None:
                 raw.close()
             elif held is not None:
                 held.close()  # back to the pool: a rollback on the inherited socket
             elif aengine is not None:
                 async def close_one() -> None:
                     proxied = await aengine.raw_connection()
-                    await proxied.driver_connection.close()
+                    await async_raw_close(proxied.driver_connection)
 
                 asyncio.run(close_one())
             else:
