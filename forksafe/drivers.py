@@ -3,17 +3,30 @@
 Drivers are recognised by class, looked up in ``sys.modules`` only: forksafe never imports
 a driver itself, so ``import forksafe`` stays free of optional dependencies.
 
-What each driver sends when a *child* lets go of an inherited connection (measured against
-MariaDB 10.11 and PostgreSQL 15), which is why the socket itself must be neutralised:
+What each driver does when a *child* lets go of an inherited connection (measured against
+MariaDB 10.11 and PostgreSQL 15; ``tests/integration/test_driver_matrix.py`` asserts it),
+which is why the socket itself must be neutralised:
 
-================  ======================  ==============================================
-driver            ``close()`` in child     garbage collection / interpreter exit
-================  ======================  ==============================================
-mysqlclient       COM_QUIT                 COM_QUIT (``mysql_close`` in the destructor)
-PyMySQL           COM_QUIT                 nothing
-psycopg2          Terminate                nothing (dealloc checks the pid)
-psycopg 3         Terminate                nothing
-================  ======================  ==============================================
+====================  ===============  ==================================================
+driver                ``close()``      garbage collection / interpreter exit
+====================  ===============  ==================================================
+mysqlclient           COM_QUIT         COM_QUIT (``mysql_close`` in the destructor)
+PyMySQL               COM_QUIT         nothing
+mysql-connector (C)   COM_QUIT         COM_QUIT (``mysql_close`` in the destructor)
+mysql-connector (py)  COM_QUIT         COM_QUIT at garbage collection (``__del__``)
+mariadb               COM_QUIT         COM_QUIT (``mysql_close`` in the destructor)
+aiomysql              COM_QUIT         unregisters the parent's socket from the epoll set
+                                       the child shares with the parent's event loop
+asyncmy               COM_QUIT         nothing
+psycopg2              Terminate        nothing (dealloc checks the pid)
+psycopg 3             Terminate        nothing
+asyncpg               Terminate        the session ends at garbage collection
+pg8000                Terminate        nothing
+====================  ===============  ==================================================
+
+Drivers of asyncio reach their socket through the transport
+(``transport.get_extra_info("socket")``): reading it touches neither the event loop nor
+anything scheduled on it. Other drivers: `register_driver`.
 """
 
 from __future__ import annotations

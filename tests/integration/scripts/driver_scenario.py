@@ -1,10 +1,14 @@
 """One fork scenario for one driver, in a fresh interpreter (forks never happen in pytest).
 
-Every supported driver on both servers: mysqlclient and PyMySQL (MariaDB), psycopg2 and
-psycopg 3 (PostgreSQL), through a SQLAlchemy engine whose connection sits idle in its pool
-at the moment of fork (``--kind engine``), an engine with a ``Connection`` checked out
-across the fork (``--kind checkedout``; the child's ``close`` returns it to the pool), an
-``AsyncEngine`` (``--kind async``, psycopg 3) or a raw DBAPI connection (``--kind raw``).
+Every supported driver on both servers: mysqlclient, PyMySQL, mysql-connector-python (C
+extension, or pure Python with ``?use_pure=true``), MariaDB Connector/Python, aiomysql,
+asyncmy (MariaDB), psycopg2, psycopg 3, asyncpg, pg8000 (PostgreSQL), through a SQLAlchemy
+engine whose connection sits idle in its pool at the moment of fork (``--kind engine``), an
+engine with a ``Connection`` checked out across the fork (``--kind checkedout``; the child's
+``close`` returns it to the pool), an ``AsyncEngine`` (``--kind async``: psycopg 3 and the
+asyncio drivers) or a raw DBAPI connection (``--kind raw``; for asyncio drivers, one opened
+on the parent's event loop). The parent keeps one event loop; a child runs its asyncio work
+on a loop of its own (``asyncio.run``), like a uvicorn worker.
 
 The parent opens a connection and records its server session id (``CONNECTION_ID()`` or
 ``pg_backend_pid()``), forks children that each end in one way, waits, then uses its own
@@ -359,9 +363,17 @@ def child(args, url, query: str, write_fd: int) -> None:
                 report["own_error"] = f"{type(exc).__name__}: {exc}"[:400]
         elif action == "close":
             if raw is not None and is_async_conn(raw):
-                asyncio.run(async_raw_close(raw))
+                # from a loop of the child's own: the driver may refuse (the connection's
+                # futures belong to the parent's loop) after it has written its goodbye
+                try:
+                    asyncio.run(async_raw_close(raw))
+                except RuntimeError as exc:
+                    report["close_error"] = f"{type(exc).__name__}: {exc}"[:300]
             elif raw is not None:
-                raw.close()
+                try:
+                    raw.close()
+                except Exception as exc:  # pg8000: its Terminate meets the dead socket
+                    report["close_error"] = f"{type(exc).__name__}: {exc}"[:300]
             elif held is not None:
                 held.close()  # back to the pool: a rollback on the inherited socket
             elif aengine is not None:
