@@ -3,8 +3,9 @@
 The parent's engine holds a write transaction open across the fork (a ``Connection`` with
 2000 uncommitted rows, enough to spill into the journal), with ``--journal delete`` (a
 rollback journal) or ``wal``. One child ends one way (``exit``, ``gc``, ``close``,
-``dispose``, ``use`` (the engine), ``use_held`` (the held ``Connection``), ``sigterm``), then the parent commits and a fresh ``sqlite3``
-connection checks the file: the rows are there and ``PRAGMA integrity_check`` says ok.
+``dispose``, ``use`` (the engine), ``use_held`` (the held ``Connection``), ``sigterm``),
+then the parent commits and a fresh ``sqlite3`` connection checks the file: the rows are
+there and ``PRAGMA integrity_check`` says ok.
 
 SQLite's own documentation warns against carrying a connection across fork: the child's
 copy of the connection thinks it holds the parent's locks and journal, and closing it rolls
