@@ -174,11 +174,17 @@ def check_url(url_text: str, ctx: Context) -> list[Finding]:
         return [Finding("error", "url", f"cannot connect to {shown}: {reason}",
                         "check host, port, credentials and that the server is running")]
     findings: list[Finding] = []
+    pooler = None
     if backend == "postgresql":
         findings += _pg_findings(shown, settings, ctx)
+        from forksafe._pgbouncer import pgbouncer_findings  # PgBouncer between app and server
+
+        pooler = pgbouncer_findings(url, shown, settings, ctx)
     else:
         findings += _mysql_findings(shown, settings, ctx)
-    findings += _capacity_findings(shown, backend, settings, ctx)
+    # behind a pooler the app's connections count against its limit, not the server's
+    findings += pooler if pooler is not None else _capacity_findings(shown, backend, settings,
+                                                                    ctx)
     return findings
 
 

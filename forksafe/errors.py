@@ -250,6 +250,15 @@ PG_IDLE_TIMEOUT = ErrorClass(
     _IDLE_FIX,
     django_fix=_IDLE_FIX_DJANGO,
 )
+PGBOUNCER_CLIENT_IDLE = ErrorClass(
+    "pgbouncer-client-idle-timeout",
+    "client_idle_timeout (PgBouncer closed the connection)",
+    "the connection sat idle longer than PgBouncer's client_idle_timeout: the pooler between "
+    "the app and PostgreSQL closed it (recycle='auto' learns PostgreSQL's limit, not the "
+    "pooler's).",
+    "forksafe.track(engine, recycle=<a little less than client_idle_timeout>); "
+    "`forksafe doctor --url` reads PgBouncer's settings and prints the value.",
+)
 PG_ALREADY_CLOSED = ErrorClass(
     "pg-already-closed",
     "connection already closed",
@@ -345,6 +354,7 @@ _MESSAGES: tuple[tuple[str, ErrorClass], ...] = (
     ("eof detected", PG_SSL_EOF),
     ("lost synchronization with server", PG_DESYNC),
     ("idle-session timeout", PG_IDLE_TIMEOUT),
+    ("client_idle_timeout", PGBOUNCER_CLIENT_IDLE),
     ("terminating connection due to administrator command", PG_TERMINATED),
     ("server closed the connection unexpectedly", PG_CLOSED),
     ("could not receive data from server", PG_CLOSED),

@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from forksafe.testing._server import PrivateServer
 from forksafe.testing.mariadb import ServerUnavailableError, free_port
@@ -115,7 +115,6 @@ class PgBouncer(PrivateServer):
             info = pwd.getpwnam(SYSTEM_USER)
             for path in (self.basedir, self.config_path, self.basedir / "userlist.txt"):
                 os.chown(path, info.pw_uid, info.pw_gid)
-        self._out: IO[bytes] | None = None
         super().__init__(
             [*self.prefix, self.binary, str(self.config_path)],
             host="127.0.0.1",
@@ -124,6 +123,7 @@ class PgBouncer(PrivateServer):
             stop_signal=15,  # SIGTERM: immediate shutdown (SIGINT waits for every client)
             expected_returncode=0,
             stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,  # everything goes to the log file too
         )
 
     def start(self) -> PgBouncer:
