@@ -346,3 +346,23 @@ def test_idle_limit_advice_a_person_would_follow(tmp_path: Path) -> None:
         assert not any("is longer than wait_timeout" in f["message"] for f in findings), out
     finally:
         server.cleanup()
+
+
+def test_django_project_budget_and_advice(mariadb: Any) -> None:
+    """A Django project: the budget is its aliases per thread (not SQLAlchemy's 5 + 10), the
+    idle-limit advice is about CONN_MAX_AGE and unit_of_work (not pool_recycle or track),
+    and a missing 'forksafe.django' is named."""
+    env = {"DB_PORT": str(mariadb.port)}
+    status, findings, out = doctor("--app", "django_app", "--workers", "4", "--threads", "2",
+                                   "--url", mariadb.url("pymysql"), env=env)
+    assert status == 0, out
+    messages = " | ".join(f["message"] for f in findings)
+    assert "default (mysql, CONN_MAX_AGE=60), replica (mysql, CONN_MAX_AGE=60)" in messages, out
+    assert "4 worker(s) x 4 connection(s) [Django aliases default, replica x 2 thread(s) per " \
+        "worker] = 16 connections" in messages, out
+    idle = next(f for f in findings if "wait_timeout =" in f["message"])
+    assert "CONN_MAX_AGE" in idle["fix"], out
+    assert "pool_recycle" not in idle["fix"], out
+    assert "track" not in idle["fix"], out
+    missing = [f for f in findings if "'forksafe.django' is not in INSTALLED_APPS" in f["message"]]
+    assert [f["severity"] for f in missing] == ["warning"], out

@@ -397,3 +397,12 @@ def test_retries_log_one_short_line_each_and_never_repeat_a_packet_too_large(
         errors._MAX_PACKET[0] = saved
     assert len(calls) == 1
     errors.reset_reported()
+
+
+def test_the_readme_says_explain_returns_the_line() -> None:
+    """The README describes explain() as the API behaves: it returns the line (or None)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert "explain(exc)` prints" not in readme
+    assert "`forksafe.errors.explain(exc)` *returns*" in readme
