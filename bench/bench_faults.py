@@ -20,6 +20,15 @@ after that succeeded::
 
     python bench/bench_faults.py                   # 20 s per configuration
     python bench/bench_faults.py --quick           # 5 s, two configurations
+
+First, one table without a web server: **failed requests after a fault while idle**. For
+each engine (plain, ``pool_pre_ping``, tracked by forksafe with its defaults) ``--pooled``
+connections sit idle in the pool; the server closes them all (``KILL CONNECTION`` of each,
+a restart, or the idle limit: a ``wait_timeout`` of 2 s the engines set on connect; the run
+waits until the server no longer lists the sessions); then ``--pooled`` concurrent requests
+(all checked out at once, then one ``SELECT 1`` each). Repeated ``--rounds`` times per
+fault. Columns: requests, failed requests, and the liveness pings the engine sent (the
+dialect's ``do_ping`` calls, counted in the client: MariaDB does not log a ping).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -162,6 +172,100 @@ def run_config(name: str, server: object, args: argparse.Namespace) -> dict[str,
     }
 
 
+def _idle_engine(server: Any, fault: str, pooled: int, **options: Any) -> Any:
+    from sqlalchemy import create_engine, event
+
+    engine = create_engine(server.url(), pool_size=pooled, **options)
+    if fault == "idle limit":
+        @event.listens_for(engine, "connect")
+        def short_limit(dbapi_connection: Any, record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SET SESSION wait_timeout = 2")
+            cursor.close()
+    return engine
+
+
+def _count_pings(engine: Any) -> list[int]:
+    pings: list[int] = []
+    original = engine.dialect.do_ping
+
+    def counting(conn: Any) -> Any:
+        pings.append(1)
+        return original(conn)
+
+    engine.dialect.do_ping = counting
+    return pings
+
+
+def _fill(engine: Any, pooled: int) -> set[int]:
+    from sqlalchemy import text
+
+    conns = [engine.connect() for _ in range(pooled)]
+    ids = {int(c.execute(text("SELECT CONNECTION_ID()")).scalar()) for c in conns}
+    for conn in conns:
+        conn.close()
+    return ids
+
+
+def _requests(engine: Any, pooled: int) -> int:
+    """``pooled`` concurrent requests; how many failed."""
+    from sqlalchemy import exc, text
+
+    failed = 0
+    conns = [engine.connect() for _ in range(pooled)]
+    for conn in conns:
+        try:
+            conn.execute(text("SELECT 1")).scalar()
+        except exc.OperationalError:
+            failed += 1
+    for conn in conns:
+        conn.close()
+    return failed
+
+
+def _close_sessions(server: Any, fault: str, ids: set[int]) -> None:
+    """Apply ``fault``; return once the server no longer lists any of ``ids``."""
+    if fault == "KILL":
+        for cid in sorted(ids):
+            server.execute(f"KILL CONNECTION {cid}")
+    elif fault == "restart":
+        server.restart()
+    deadline = time.monotonic() + 120
+    while ids & {int(r[0]) for r in server.execute(
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID()")}:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"after {fault}, the server still lists the pooled sessions")
+        time.sleep(0.05)
+
+
+def idle_faults(server: Any, rounds: int, pooled: int) -> list[list[object]]:
+    """Rows of the failed-requests-after-an-idle-fault table."""
+    import forksafe
+
+    rows: list[list[object]] = []
+    for fault in ("KILL", "restart", "idle limit"):
+        totals = {name: [0, 0, 0] for name in ("plain", "pool_pre_ping", "forksafe")}
+        for _ in range(rounds):
+            engines = {
+                "plain": _idle_engine(server, fault, pooled),
+                "pool_pre_ping": _idle_engine(server, fault, pooled, pool_pre_ping=True),
+                "forksafe": forksafe.track(_idle_engine(server, fault, pooled)),
+            }
+            pings = {name: _count_pings(engine) for name, engine in engines.items()}
+            ids: set[int] = set()
+            for engine in engines.values():
+                ids |= _fill(engine, pooled)
+            _close_sessions(server, fault, ids)
+            for name, engine in engines.items():
+                totals[name][0] += pooled
+                totals[name][1] += _requests(engine, pooled)
+                totals[name][2] += len(pings[name])
+                forksafe.untrack(engine)
+                engine.dispose()
+        rows += [[name, fault, *figures] for name, figures in totals.items()]
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 s, two configurations")
@@ -172,10 +276,12 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names")
+    parser.add_argument("--rounds", type=int, default=5, help="idle faults: rounds per fault")
+    parser.add_argument("--pooled", type=int, default=8, help="idle faults: pooled connections")
     args = parser.parse_args()
     names = list(QUICK) if args.quick else args.configs.split(",")
     if args.quick:
-        args.seconds, args.restart_at = 5.0, 2.5
+        args.seconds, args.restart_at, args.rounds, args.pooled = 5.0, 2.5, 1, 4
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         print(f"bench_faults: unknown config {unknown[0]!r}: pick from {', '.join(CONFIGS)}",
@@ -190,6 +296,12 @@ def main() -> int:
           f"at {args.restart_at:g} s (down {args.down_for:g} s + start-up)")
     results = {}
     with MariaDB(general_log=False) as server:
+        print_table(
+            f"after a fault while idle: {args.pooled} pooled connections closed by the server, "
+            f"then {args.pooled} concurrent requests, {args.rounds} rounds",
+            ["engine", "fault", "requests", "failed", "pings"],
+            idle_faults(server, args.rounds, args.pooled),
+        )
         _seed(SimpleNamespace(url=server.url(), safe_url=server.url(), description=""))
         for name in names:
             results[name] = run_config(name, server, args)

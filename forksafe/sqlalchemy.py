@@ -100,6 +100,12 @@ _CLOSED_EVENTS = (
     select.POLLHUP | select.POLLERR | select.POLLNVAL | getattr(select, "POLLRDHUP", 0)
 )
 
+#: Seconds since a connection's previous checkout below which its socket is not polled: a
+#: connection handed out again within that time was in use a moment ago (its previous
+#: checkout is that recent), and no check can close the race between a check and the
+#: statement that follows it anyway. 0 polls at every checkout.
+POLL_AFTER = 0.0
+
 _getpid = os.getpid
 _monotonic = time.monotonic
 
@@ -209,14 +215,16 @@ def _make_classes(base: Any) -> tuple[type, type]:
         try:
             now = _monotonic()
             state = rec.info.get(_STATE_KEY)
-            if (
-                state is None
-                or now - state.last >= state.threshold
-                or (state.poller is not None and state.poller.poll(0))
-            ):
+            if state is None:
                 self._forksafe_adapter._checkout_slow(self, rec, state, now)
             else:
-                state.last = now
+                idle = now - state.last
+                if idle >= state.threshold or (
+                    idle >= POLL_AFTER and state.poller is not None and state.poller.poll(0)
+                ):
+                    self._forksafe_adapter._checkout_slow(self, rec, state, now)
+                else:
+                    state.last = now
         except Exception as err:
             _fork.report_internal_error(err, "forksafe's liveness check at checkout")
         except BaseException as err:  # KeyboardInterrupt, greenlet exit: give it back

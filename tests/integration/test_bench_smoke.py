@@ -26,12 +26,12 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 #: script -> (whether it takes --url, table title prefix -> row names it must contain)
 EXPECTED: dict[str, tuple[bool, dict[str, set[str]]]] = {
     "bench_checkout.py": (True, {
-        "checkout + SELECT 1": {"plain pool", "pool_pre_ping", "NullPool", "forksafe",
-                                "forksafe fork check only"},
-        "checkout only": {"plain pool", "pool_pre_ping", "NullPool", "forksafe"},
-        "checkout only, no reset on return": {"plain pool", "forksafe fork check only"},
-        "forksafe's per-checkout work": {"fork check alone",
-                                         "forksafe checkout listener, fork check only"},
+        "checkout + SELECT 1": {"plain", "plain (A/A)", "forksafe", "forksafe, poll after 1 ms",
+                                "forksafe fork check only", "pool_pre_ping"},
+        "bare pool cycle": {"plain", "plain (A/A)", "forksafe"},
+        "forksafe's per-checkout work": {"zero-timeout poll() of the socket"},
+        "reset in a child": {"median"},
+        "registry after": {"entries after", "memory kept, KiB"},
     }),
     "bench_memory.py": (True, {
         "memory and start-up, flask": {"gunicorn", "uwsgi"},
@@ -41,6 +41,7 @@ EXPECTED: dict[str, tuple[bool, dict[str, set[str]]]] = {
         "throughput": {"preload + forksafe", "lazy-apps", "NullPool", "pre_ping"},
     }),
     "bench_faults.py": (False, {
+        "after a fault while idle": {"plain", "pool_pre_ping", "forksafe"},
         "under faults": {"preload + forksafe", "pre_ping"},
     }),
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from collections import Counter
@@ -28,6 +29,8 @@ def main() -> None:
     parser.add_argument("--worker", type=int, required=True)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rows", type=int, default=100)
+    parser.add_argument("--stop-file", default="",
+                        help="run until this file exists (--seconds is then only a cap)")
     args = parser.parse_args()
 
     engine = create_engine(args.url, pool_size=2)
@@ -55,7 +58,9 @@ def main() -> None:
     read_times: list[float] = []
     seq = 0
     start = time.time()
-    while time.time() - start < args.seconds:
+    while time.time() - start < args.seconds and not (
+        args.stop_file and os.path.exists(args.stop_file)
+    ):
         k = random.randrange(1, args.rows + 1)
         try:
             value = read(k)
