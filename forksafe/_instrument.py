@@ -29,8 +29,8 @@ a tracked one (an engine gets a fresh pool), and reported once: a ``ForkSafetyWa
 Strict mode (``configure(strict=True)`` or ``FORKSAFE_STRICT=1``): the child's first use of
 such a connection raises `UntrackedConnectionError` instead: the inherited object itself
 (``cursor()``, ``query()``, ``execute()``; not possible for psycopg2's C class), a checkout
-from an untracked engine, and any new connection or checkout while instrumented. Fork-time
-code itself never raises.
+from an untracked engine, and any new connection while instrumented. Fork-time code itself
+never raises.
 """
 
 from __future__ import annotations
@@ -356,8 +356,10 @@ def _wrap_function(module: Any, attr: str) -> None:
 
 
 def _patch_sqlalchemy(module: Any) -> None:
+    # No pool-wide checkout listener: it would put every pool on SQLAlchemy's slow checkout
+    # path. Tracked pools check the pid themselves (forksafe.sqlalchemy); an untracked
+    # inherited engine is refused by the listener _poison puts on that engine alone.
     _wrap_init(module.Engine, _on_new_engine)
-    _install_checkout_guard()
 
 
 def _patch_mysqldb(module: Any) -> None:
@@ -457,31 +459,6 @@ def _strict_message(items: list[str]) -> str:
         f"{len(items)} database connection(s) nobody tracked: {'; '.join(items)}. "
         "Track them (forksafe.track) or call forksafe.instrument() before they are created."
     )
-
-
-_GUARD_INSTALLED: list[Any] = []
-
-
-def _install_checkout_guard() -> None:
-    """A class-level pool checkout listener: strict mode's error at the first checkout."""
-    from sqlalchemy import event
-    from sqlalchemy.pool import Pool
-
-    def guard(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        if os.getpid() != _fork.current_pid():
-            _fork.after_fork()
-        _check_strict_pending()
-
-    if not _GUARD_INSTALLED:
-        event.listen(Pool, "checkout", guard)
-        _GUARD_INSTALLED.append(guard)
-
-        def remove() -> None:
-            if event.contains(Pool, "checkout", guard):
-                event.remove(Pool, "checkout", guard)
-            _GUARD_INSTALLED.clear()
-
-        _UNDO.append(remove)
 
 
 def _make_raiser(description: str) -> Callable[..., Any]:

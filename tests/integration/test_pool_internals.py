@@ -264,3 +264,21 @@ def test_hot_checkout_touches_nothing_but_the_record(engine: Any) -> None:
     assert fairy._connection_record.info[adapter_module._STATE_KEY] is state
     assert state.last > before
     fairy.close()
+
+
+def test_instrument_puts_no_checkout_listener_on_pools(url: str) -> None:
+    """Under instrument(), a pool has no checkout listener: SQLAlchemy's fast checkout path
+    stays in use (a class-wide listener would take every pool off it)."""
+    forksafe.instrument()
+    try:
+        eng = create_engine(url)
+        plain_pool = QueuePool(lambda: None)
+    finally:
+        forksafe.uninstrument()
+    try:
+        assert forksafe.is_tracked(eng)
+        assert not eng.pool.dispatch.checkout
+        assert not plain_pool.dispatch.checkout
+    finally:
+        forksafe.untrack(eng)
+        eng.dispose()
