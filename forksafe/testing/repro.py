@@ -100,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--timeout",
         type=float,
         default=5.0,
-        help="seconds one request may take before it counts as hung (default 5)",
+        help="seconds one request of a run without forksafe may take before it counts as "
+        "hung (default 5); runs with forksafe allow at least 60: a slow machine is no fault",
     )
     parser.add_argument(
         "--port", type=int, default=0, help="HTTP port for the servers (default: a free one)"
@@ -368,7 +369,7 @@ def _run_all(
                         workers=args.workers,
                         threads=args.threads,
                         port=args.port or free_port(),
-                        db_timeout=max(1, round(min(args.timeout, 3.0))),
+                        db_timeout=_db_timeout(args.timeout, protect),
                     )
                     started = time.monotonic()
                     outcomes = run_round(
@@ -376,7 +377,7 @@ def _run_all(
                         settings,
                         args.requests,
                         concurrency=args.concurrency,
-                        timeout=args.timeout,
+                        timeout=_request_timeout(args.timeout, protect),
                         first=first,
                     )
                     first += args.requests
@@ -389,6 +390,25 @@ def _run_all(
                     )
                 results.append(result)
     return results
+
+
+#: the least a request of a run with forksafe may take before it counts as hung: nothing
+#: may hang there, so the bound is only against a real hang, never a verdict on speed
+PROTECTED_TIMEOUT = 60.0
+
+
+def _request_timeout(timeout: float, protect: bool) -> float:
+    """Seconds a request may take before it counts as hung. Without forksafe requests stuck
+    on a shared socket are expected, and ``timeout`` keeps the run short."""
+    return max(timeout, PROTECTED_TIMEOUT) if protect else timeout
+
+
+def _db_timeout(timeout: float, protect: bool) -> int:
+    """The app's driver read/write timeout: short without forksafe (a worker stuck reading a
+    shared socket fails with 2013 instead of hanging), generous with it."""
+    if protect:
+        return max(1, round(_request_timeout(timeout, protect) / 2))
+    return max(1, round(min(timeout, 3.0)))
 
 
 def _header(args: argparse.Namespace, target: Target, modes: list[str]) -> list[str]:

@@ -165,3 +165,16 @@ def test_sqlalchemy_2_indexes_for_keys_symptom_is_the_column_column() -> None:
             result._metadata._row_as_tuple_getter([table.c.id])
     assert checks.classify_exception(caught.value) == checks.COLUMN
     assert checks.classify_exception(NotImplementedError()) == checks.OTHER
+
+
+def test_runs_with_forksafe_are_not_judged_on_speed() -> None:
+    """A request of a run with forksafe counts as hung only after at least 60 s, and its
+    driver timeout is generous too: a slow, busy machine must not turn a clean run into a
+    failed one. Runs without forksafe keep the short bounds (stuck requests are expected)."""
+    from forksafe.testing import repro
+
+    assert repro._request_timeout(5.0, protect=True) >= 60
+    assert repro._db_timeout(5.0, protect=True) >= 30
+    assert repro._request_timeout(5.0, protect=False) == 5.0
+    assert repro._db_timeout(5.0, protect=False) == 3
+    assert repro._request_timeout(120.0, protect=True) == 120.0
