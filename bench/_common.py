@@ -119,7 +119,7 @@ def _command(spec: ServerSpec, port: int, workdir: Path) -> list[str]:
             f"pythonpath = {str(APPS_DIR)!r}",
         ]
         if spec.hook:
-            conf.append("from forksafe.gunicorn import post_fork  # noqa: F401")
+            conf.append("from forksafe.gunicorn import post_fork, pre_fork  # noqa: F401")
         path = workdir / "gunicorn.conf.py"
         path.write_text("\n".join(conf) + "\n")
         return [sys.executable, "-m", "gunicorn", "-c", str(path), spec.app]

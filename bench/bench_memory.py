@@ -1,30 +1,46 @@
-"""Memory and start-up time: preload + forksafe against lazy loading, by worker count.
+"""Memory of preload + forksafe against lazy loading: fresh, and after traffic.
 
-For each server (gunicorn, uWSGI), app (the Flask example; a heavier app that imports more,
-bench/apps/heavy_app.py) and worker count, starts the server twice:
+For each server (gunicorn, uWSGI) and app (the Flask example; a heavier app that imports
+more, bench/apps/heavy_app.py), starts the server with 8 workers (``--workers``) once per
+mode:
 
-* **preload + forksafe**: the app loads once in the master, then the workers fork
-  (gunicorn ``preload_app = True`` with ``from forksafe.gunicorn import post_fork``; uWSGI
-  without ``lazy-apps``, ``--import forksafe.uwsgi``), the engine tracked by forksafe;
 * **lazy**: every worker loads the app itself after the fork (gunicorn without
-  ``preload_app``; uWSGI ``--lazy-apps``), no forksafe: what users do to avoid sharing.
+  ``preload_app``; uWSGI ``--lazy-apps``), no forksafe: what users do to avoid sharing;
+* **preload + forksafe, no freeze**: the app loads once in the master, then the workers
+  fork (gunicorn ``preload_app = True`` with ``from forksafe.gunicorn import post_fork,
+  pre_fork``; uWSGI without ``lazy-apps``, ``--import forksafe.uwsgi``), the engine tracked
+  by forksafe, ``FORKSAFE_GC_FREEZE=0``;
+* **preload + forksafe**: the same with forksafe's defaults: its hooks ``gc.freeze()``
+  before the workers' first collection (see forksafe/_gc_freeze.py);
+* **preload + forksafe + warm-up** (``--modes`` adds it; not in the default run): the app
+  also answers a few requests in the master before the fork (``BENCH_WARMUP=1``).
 
-Start-up is the time from spawning the server until every worker has answered a request
-(distinct pids). Memory is then read from ``/proc/PID/smaps_rollup`` of the master and all
-its children: total USS (private pages) and PSS (private plus a fair share of shared ones).
-Prints a table per app and the ratios preload/lazy; ``--plot FILE`` draws PSS against
-workers (needs matplotlib: ``pip install 'forksafe[bench]'``)::
+Each server is measured fresh (every worker has answered one request), then after ``wrk``
+has sent about 800 and then 4,000 requests per worker (``--points``) to an endpoint that
+queries the database through SQLAlchemy: the Flask example's ``/products/<id>.json``, the
+heavier app's ``/items/<id>`` (ORM ``Session``). Every response names its worker's pid
+(``X-Pid``); bench/wrk_memory.lua counts them, and the tables give the fewest and most
+requests a worker served, so an uneven spread shows. Memory is read from
+``/proc/PID/smaps_rollup`` of the master and all its children: total PSS (private pages
+plus a fair share of shared ones) and USS (private pages). The ratios are PSS of each
+preloaded mode over lazy, at each point; requests/s is wrk's over the whole traffic of a
+mode (the servers run one at a time, same machine, same run). ``--plot FILE`` draws PSS
+against requests per worker (needs matplotlib: ``pip install 'forksafe[bench]'``)::
 
-    python bench/bench_memory.py --plot docs/bench_memory.png
-    python bench/bench_memory.py --quick          # 2 workers, Flask example only
+    python bench/bench_memory.py --plot docs/bench_memory.png     # ~25 min
+    python bench/bench_memory.py --quick          # 2 workers, Flask, 0/50/200 requests
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
+import shutil
+import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,33 +55,158 @@ from _common import (
     wait_for_workers,
 )
 
+SCRIPT = Path(__file__).resolve().parent / "wrk_memory.lua"
 APPS = {"flask": "flask_bench:application", "heavy": "heavy_app:application"}
-MODES = {"preload + forksafe": True, "lazy": False}
+#: app -> (wrk path, %d replaced by a random id in 1..ids; ids)
+TRAFFIC = {"flask": ("/products/%d.json", 5000), "heavy": ("/items/%d", 2000)}
+LAZY = "lazy"
+NO_FREEZE = "preload + forksafe, no freeze"
+FREEZE = "preload + forksafe"
+WARM = "preload + forksafe + warm-up"
+#: mode -> (preload and forksafe's hooks, extra environment)
+MODES: dict[str, tuple[bool, dict[str, str]]] = {
+    LAZY: (False, {"BENCH_FORKSAFE": "0"}),
+    NO_FREEZE: (True, {"FORKSAFE_GC_FREEZE": "0"}),
+    FREEZE: (True, {}),
+    WARM: (True, {"BENCH_WARMUP": "1"}),
+}
+SHORT = {LAZY: "lazy", NO_FREEZE: "no freeze", FREEZE: "forksafe", WARM: "warm-up"}
 
 
-def measure(server: str, app: str, workers: int, preload: bool, url: str) -> dict[str, float]:
-    """Start one server, wait for every worker, settle briefly, read its memory."""
+def _wrk(base: str, app: str, seconds: float, limit: int, workers: int) -> dict[str, object]:
+    """One wrk run: at most ``seconds``, at most ``limit`` responses per wrk thread."""
+    path, ids = TRAFFIC[app]
+    env = {
+        **os.environ,
+        "BENCH_WRK_PATH": path,
+        "BENCH_WRK_IDS": str(ids),
+        "BENCH_WRK_REQUESTS": str(limit),
+    }
+    done = subprocess.run(
+        ["wrk", "-t", str(WRK_THREADS), "-c", str(2 * workers), "-d", f"{seconds:.0f}s",
+         "--timeout", "10s", "-s", str(SCRIPT), base + "/"],
+        capture_output=True, text=True, env=env, timeout=seconds + 120, check=False,
+    )  # fmt: skip
+    count = re.search(r"(\d+) requests in ([\d.]+)(m?s)", done.stdout)
+    if done.returncode != 0 or not count:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-800:]}{done.stderr}")
+    per_pid = {int(p): int(n) for p, n in re.findall(r"^pid (\d+) (\d+)$", done.stdout, re.M)}
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", done.stdout)
+    elapsed = float(count.group(2)) / (1000 if count.group(3) == "ms" else 1)
+    return {
+        "requests": int(count.group(1)),
+        "seconds": elapsed,
+        "per_pid": per_pid,
+        "failed": int(non2xx.group(1)) if non2xx else 0,
+    }
+
+
+WRK_THREADS = 2
+
+
+def traffic(base: str, app: str, total: int, workers: int) -> dict[str, object]:
+    """Send about ``total`` requests with wrk; requests/s and the responses per worker pid.
+
+    wrk always runs for its whole ``-d`` (the script stops its threads after a count, but
+    not wrk itself), so the traffic goes out in runs sized from the rate measured so far.
+    """
+    per_pid: dict[int, int] = {}
+    sent = failed = 0
+    timed = busy = 0.0  # requests and seconds of the runs that lasted their whole -d
+    while sent < total * 0.98:
+        remaining = total - sent
+        rate = timed / busy if busy else 0.0
+        seconds = max(1.0, min(120.0, remaining / rate * 0.95)) if rate else 3.0
+        limit = math.ceil(remaining / WRK_THREADS)
+        run = _wrk(base, app, seconds, limit, workers)
+        requests = int(run["requests"])  # type: ignore[call-overload]
+        if not requests:
+            raise RuntimeError(f"wrk got no answer from {base} in {seconds:.0f} s")
+        if requests < (limit - 1) * WRK_THREADS:  # not stopped by the count: a rate
+            timed += requests
+            busy += float(run["seconds"])  # type: ignore[arg-type]
+        sent += requests
+        failed += int(run["failed"])  # type: ignore[call-overload]
+        for pid, n in run["per_pid"].items():  # type: ignore[attr-defined]
+            per_pid[pid] = per_pid.get(pid, 0) + n
+    return {
+        "rps": timed / busy if busy else float("nan"),
+        "timed": timed,
+        "busy": busy,
+        "per_pid": per_pid,
+        "failed": failed,
+    }
+
+
+def seed(app: str, url: str) -> None:
+    """Import the app once, alone: it creates and fills its tables when they are missing.
+
+    Otherwise the lazy workers, which all import it at once, would race to seed them.
+    """
+    from _common import APPS_DIR, EXAMPLE_DIR
+
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "BENCH_FORKSAFE": "0",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(APPS_DIR), os.environ.get("PYTHONPATH")])),
+    }
+    module = APPS[app].split(":")[0]
+    subprocess.run([sys.executable, "-c", f"import {module}"], cwd=EXAMPLE_DIR, env=env,
+                   check=True, timeout=600)  # fmt: skip
+
+
+def measure(
+    server: str, app: str, workers: int, mode: str, url: str, *, points: list[int]
+) -> list[dict[str, object]]:
+    """Start one server; its memory fresh and after each point's requests per worker."""
+    preload, extra = MODES[mode]
     spec = ServerSpec(
         server=server,
         app=APPS[app],
         workers=workers,
         preload=preload,
         hook=preload,
-        env={
-            "DATABASE_URL": url,
-            "BENCH_POOL": "queue",
-            "BENCH_FORKSAFE": "1" if preload else "0",
-        },
+        env={"DATABASE_URL": url, "BENCH_POOL": "queue", "BENCH_FORKSAFE": "1", **extra},
     )
+    rows: list[dict[str, object]] = []
+    served: dict[int, int] = {}
+    sent = 0
+    timed = busy = 0.0
+    failed = 0
     with serve(spec) as running:
         startup = wait_for_workers(running, workers)
-        time.sleep(0.5)  # let the last workers finish their first request
-        uss, pss, procs = memory(running.pid)
-    return {"startup": startup, "uss": uss, "pss": pss, "procs": procs}
+        for point in points:
+            if point > sent:
+                result = traffic(running.base, app, (point - sent) * workers, workers)
+                for pid, n in result["per_pid"].items():  # type: ignore[attr-defined]
+                    served[pid] = served.get(pid, 0) + n
+                timed += float(result["timed"])  # type: ignore[arg-type]
+                busy += float(result["busy"])  # type: ignore[arg-type]
+                failed += int(result["failed"])  # type: ignore[call-overload]
+                sent = point
+            uss, pss, procs = memory(running.pid)
+            counts = sorted(served.values()) or [0]
+            rows.append({
+                "app": app, "server": server, "workers": workers, "mode": mode,
+                "point": point, "startup": startup, "uss": uss, "pss": pss, "procs": procs,
+                "pids": len(served), "min_req": counts[0] if len(served) >= workers else 0,
+                "max_req": counts[-1], "failed": failed,
+            })  # fmt: skip
+    rps = timed / busy if busy else 0.0  # 0: too few requests to time (--quick)
+    for row in rows:
+        row["rps"] = rps  # one figure per server run: all its traffic
+    return rows
+
+
+def _ratio(value: object, base: object) -> str:
+    """``value / base`` to two places, or n/a when there is no base figure."""
+    top, bottom = float(str(value)), float(str(base))
+    return f"{top / bottom:.2f}" if bottom else "n/a"
 
 
 def plot(results: list[dict[str, object]], path: str) -> None:
-    """PSS against workers: one panel per app, one line per server and mode."""
+    """PSS against requests per worker: one panel per app and server, one line per mode."""
     try:
         import matplotlib
 
@@ -74,93 +215,151 @@ def plot(results: list[dict[str, object]], path: str) -> None:
     except ImportError:
         print("--plot needs matplotlib: pip install 'forksafe[bench]'", file=sys.stderr)
         return
-    apps = sorted({str(r["app"]) for r in results})
-    fig, axes = plt.subplots(1, len(apps), figsize=(6 * len(apps), 4.2), squeeze=False)
-    for ax, app in zip(axes[0], apps, strict=True):
-        for server in ("gunicorn", "uwsgi"):
-            for mode in MODES:
-                rows = [
-                    r for r in results
-                    if r["app"] == app and r["server"] == server and r["mode"] == mode
-                ]
-                if not rows:
-                    continue
-                ax.plot(
-                    [r["workers"] for r in rows],
-                    [r["pss"] for r in rows],
-                    marker="o",
-                    linestyle="-" if mode == "lazy" else "--",
-                    label=f"{server}, {mode}",
-                )
-        ax.set_title(f"{'Flask example' if app == 'flask' else 'heavier app'}: total PSS")
-        ax.set_xlabel("workers")
-        ax.set_ylabel("MiB (master + workers)")
-        ax.set_xticks(sorted({int(str(r["workers"])) for r in results}))
+    panels = sorted({(str(r["app"]), str(r["server"])) for r in results})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
+    styles = {LAZY: "-", NO_FREEZE: ":", FREEZE: "--", WARM: "-."}
+    for ax, (app, server) in zip(axes[0], panels, strict=True):
+        for mode in MODES:
+            rows = [r for r in results if (r["app"], r["server"], r["mode"]) == (app, server, mode)]
+            if not rows:
+                continue
+            ax.plot(
+                [int(str(r["point"])) for r in rows],
+                [r["pss"] for r in rows],
+                marker="o",
+                linestyle=styles[mode],
+                label=mode,
+            )
+        workers = next(r["workers"] for r in results if (r["app"], r["server"]) == (app, server))
+        name = "Flask example" if app == "flask" else "heavier app"
+        ax.set_title(f"{name}, {server}, {workers} workers", fontsize=10)
+        ax.set_xlabel("requests per worker")
+        ax.set_ylabel("total PSS, MiB (master + workers)")
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     print(f"plot written to {path}")
+
+
+def report(
+    results: list[dict[str, object]],
+    apps: list[str],
+    servers: list[str],
+    modes: list[str],
+    points: list[int],
+) -> None:
+    """Print the memory table of each app and the ratios to lazy."""
+    for app in apps:
+        print_table(
+            f"memory and start-up, {app}",
+            ["server", "mode", "req/worker", "min", "max", "PSS MiB", "USS MiB", "req/s",
+             "failed", "start s"],
+            [
+                [r["server"], SHORT[str(r["mode"])], r["point"], r["min_req"], r["max_req"],
+                 f"{r['pss']:.0f}", f"{r['uss']:.0f}", f"{r['rps']:.0f}", r["failed"],
+                 f"{r['startup']:.2f}"]
+                for r in results if r["app"] == app
+            ],
+        )  # fmt: skip
+    ratios = []
+    for app in apps:
+        for server in servers:
+
+            def row(mode: str, point: int, app: str = app, server: str = server) -> dict:
+                return next(
+                    r
+                    for r in results
+                    if (r["app"], r["server"], r["mode"], r["point"]) == (app, server, mode, point)
+                )
+
+            for mode in modes:
+                if mode == LAZY:
+                    continue
+                ratios.append([
+                    app, server, SHORT[mode],
+                    *(f"{row(mode, p)['pss'] / row(LAZY, p)['pss']:.2f}" for p in points),
+                    _ratio(row(mode, points[-1])["rps"], row(LAZY, points[-1])["rps"]),
+                ])  # fmt: skip
+    print_table(
+        "ratios, PSS preloaded / lazy at each point (below 1: less memory); req/s / lazy",
+        ["app", "server", "mode", *(f"PSS@{p}" for p in points), "req/s"],
+        ratios,
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="an existing server (default: a private MariaDB)")
-    parser.add_argument("--quick", action="store_true", help="2 workers, Flask example only")
-    parser.add_argument("--workers", default="2,4,8,16", help="comma-separated counts")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 workers, Flask example, 0/50/200 requests per worker",
+    )
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument(
+        "--points",
+        default="0,800,4000",
+        help="requests per worker at which memory is read (0: fresh)",
+    )
     parser.add_argument("--servers", default="gunicorn,uwsgi")
     parser.add_argument("--apps", default="flask,heavy")
-    parser.add_argument("--plot", metavar="FILE", help="write a PNG of PSS against workers")
-    parser.add_argument("--json", metavar="FILE", help="also write the raw figures as JSON")
+    parser.add_argument(
+        "--modes",
+        default=",".join(SHORT[m] for m in (LAZY, NO_FREEZE, FREEZE)),
+        help="comma-separated: " + ", ".join(SHORT.values()),
+    )
+    parser.add_argument("--plot", metavar="FILE", help="write a PNG of PSS against requests")
+    parser.add_argument(
+        "--json", metavar="FILE", help="also write the raw figures as JSON (after every server run)"
+    )
+    parser.add_argument(
+        "--from-json",
+        metavar="FILE",
+        action="append",
+        help="print and plot the figures of earlier runs instead of measuring",
+    )
     args = parser.parse_args()
-    counts = [2] if args.quick else [int(w) for w in args.workers.split(",")]
+    if shutil.which("wrk") is None:
+        print("bench_memory.py needs wrk (scripts/setup installs it)", file=sys.stderr)
+        return 2
+    by_short = {v: k for k, v in SHORT.items()}
+    modes = [by_short[m.strip()] for m in args.modes.split(",")]
+    if LAZY not in modes:
+        modes.insert(0, LAZY)
+    workers = 2 if args.quick else args.workers
+    points = [0, 50, 200] if args.quick else [int(p) for p in args.points.split(",")]
     apps = ["flask"] if args.quick else args.apps.split(",")
     servers = args.servers.split(",")
 
-    print(environment_note())
     results: list[dict[str, object]] = []
-    with database(args.url) as url:
-        for app in apps:
-            for server in servers:
-                for workers in counts:
-                    for mode, preload in MODES.items():
-                        figures = measure(server, app, workers, preload, url)
-                        results.append(
-                            {"app": app, "server": server, "workers": workers, "mode": mode,
-                             **figures}
+    if args.from_json:
+        for name in args.from_json:
+            results += json.loads(Path(name).read_text())
+        apps = list(dict.fromkeys(str(r["app"]) for r in results))
+        servers = list(dict.fromkeys(str(r["server"]) for r in results))
+        modes = [m for m in MODES if any(r["mode"] == m for r in results)]
+        points = sorted({int(str(r["point"])) for r in results})
+        workers = int(str(results[0]["workers"]))
+    else:
+        print(environment_note() + f", {workers} workers")
+        with database(args.url) as url:
+            for app in apps:
+                seed(app, url)
+                for server in servers:
+                    for mode in modes:
+                        results += measure(server, app, workers, mode, url, points=points)
+                        last = results[-1]
+                        print(
+                            f"# {app} {server} {mode}: PSS {last['pss']:.0f} MiB after "
+                            f"{last['point']} requests/worker, {last['rps']:.0f} req/s",
+                            file=sys.stderr,
+                            flush=True,
                         )
-    for app in apps:
-        print_table(
-            f"memory and start-up, {app}",
-            ["server", "workers", "mode", "USS MiB", "PSS MiB", "start s"],
-            [
-                [r["server"], r["workers"], r["mode"], f"{r['uss']:.0f}", f"{r['pss']:.0f}",
-                 f"{r['startup']:.2f}"]
-                for r in results if r["app"] == app
-            ],
-        )
-    ratios = []
-    for app in apps:
-        for server in servers:
-            for workers in counts:
-                pre, lazy = (
-                    next(r for r in results if (r["app"], r["server"], r["workers"], r["mode"])
-                         == (app, server, workers, mode))
-                    for mode in MODES
-                )
-                ratios.append([
-                    app, server, workers,
-                    f"{pre['uss'] / lazy['uss']:.2f}",  # type: ignore[operator]
-                    f"{pre['pss'] / lazy['pss']:.2f}",  # type: ignore[operator]
-                    f"{pre['startup'] / lazy['startup']:.2f}",  # type: ignore[operator]
-                ])
-    print_table(
-        "ratios, preload + forksafe / lazy (below 1: preload + forksafe uses less)",
-        ["app", "server", "workers", "USS", "PSS", "start-up"],
-        ratios,
-    )
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+                        if args.json:
+                            Path(args.json).write_text(json.dumps(results, indent=1))
+    report(results, apps, servers, modes, points)
     if args.plot:
         plot(results, args.plot)
     return 0

@@ -14,10 +14,23 @@ worker after every fork (respawns and reloads included), is the callable stored 
   ``uwsgi.post_fork_hook`` holds. (Worker 1 is then the original process: the hook runs
   there too and finds nothing to do.)
 
+Importing ``uwsgidecorators`` also sets ``uwsgi.spooler`` and ``uwsgi.mule_msg_hook`` (its
+dispatchers for ``@spool`` and ``@mulefunc``). A spooler or mule message handler the app set
+*before* importing forksafe.uwsgi is put back after that import; one set after it is not
+touched. So the handlers are what they would be without forksafe.
+
 A hook assigned to ``uwsgi.post_fork_hook`` by hand *after* this import replaces ours; the
 pid check at every checkout of a tracked engine still catches that fork, but call
 ``forksafe.after_fork()`` from such a hook. With ``lazy-apps`` every worker loads the app
 after the fork, so nothing is inherited and nothing needs resetting.
+
+**Garbage collector freeze.** The hook first runs ``gc.freeze()`` in the new worker, before
+any other Python code runs there, so that the worker's collections never write to the
+pages of the app loaded in the master: with preloading (no ``lazy-apps``) they stay
+shared after traffic. uWSGI forks in C and runs no Python in the master between loading
+the app and forking, so the worker's first moment is the earliest one after the app is
+loaded; nothing can have been collected in between. ``FORKSAFE_GC_FREEZE=0`` turns it off
+(see `forksafe._gc_freeze` for the cost).
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from forksafe import _fork
+from forksafe import _fork, _gc_freeze
 
 try:
     import uwsgi
@@ -40,7 +53,9 @@ __all__ = ["install", "post_fork"]
 
 
 def post_fork() -> None:
-    """Reset forksafe-tracked connections in this uWSGI worker. Never raises."""
+    """Freeze the collector, then reset forksafe-tracked connections. Never raises."""
+    if _gc_freeze.freezes() == 0:  # once per process: a worker inherits the count
+        _gc_freeze.freeze(None, "uWSGI post_fork_hook")
     try:
         _fork.after_fork()
     except Exception as exc:  # pragma: no cover - after_fork never raises
@@ -61,14 +76,23 @@ def _ours(hook: object) -> bool:
     return hook is post_fork or bool(getattr(hook, "forksafe", False))
 
 
+#: uwsgi attributes that importing uwsgidecorators overwrites, besides post_fork_hook
+_HANDLERS = ("spooler", "mule_msg_hook")
+
+
 def install() -> str:
     """Register forksafe's reset with uWSGI (idempotent). Returns how it was registered."""
     previous = getattr(uwsgi, "post_fork_hook", None)
     if uwsgi.masterpid() != 0:
+        # Importing uwsgidecorators sets these two; the app's own (set before) are restored.
+        handlers = {name: getattr(uwsgi, name, None) for name in _HANDLERS}
         try:
             import uwsgidecorators
         except Exception:  # an unusual build without it: fall back to wrapping
             uwsgidecorators = None
+        for name, handler in handlers.items():
+            if handler is not None and getattr(uwsgi, name, None) is not handler:
+                setattr(uwsgi, name, handler)
         if uwsgidecorators is not None:
             chain: list[Callable[[], Any]] = uwsgidecorators.postfork_chain
             chain_hook = uwsgidecorators.postfork_chain_hook

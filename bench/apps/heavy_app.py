@@ -5,8 +5,12 @@ template, e-mail, XML, HTTP client and serialisation libraries, and data it keep
 (a lookup table built at import). It creates a SQLAlchemy engine, tracks it with forksafe
 unless ``BENCH_FORKSAFE=0``, and uses it once at import (``DATABASE_URL``).
 
-``GET /_pid?hold=SECONDS`` answers the worker's pid (see bench/apps/flask_bench.py);
-``GET /`` answers one cached record and a ``SELECT 1`` as JSON.
+``GET /_pid?hold=SECONDS`` answers the worker's pid (see bench/apps/flask_bench.py), and
+every response carries ``X-Pid``; ``GET /`` answers one cached record and a ``SELECT 1`` as
+JSON; ``GET /items/<id>`` loads one of 2,000 rows through the ORM (a ``Session``, the first
+mapped model and its relationship's parent) and answers it as JSON. The tables are created
+and the rows seeded at import when missing. ``BENCH_WARMUP=1`` sends a few requests through
+the app at import (in the master, when preloaded).
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ import pyramid.config
 import pyramid.view  # noqa: F401
 import sqlalchemy.ext.asyncio
 import sqlalchemy.orm
-from _pid import answer_pid
-from sqlalchemy import ForeignKey, Integer, Numeric, String, create_engine, text
+from _pid import warm_up, with_pid
+from sqlalchemy import ForeignKey, Integer, Numeric, String, create_engine, func, select, text
 
 import forksafe
 
@@ -84,18 +88,72 @@ CATALOGUE = {
 
 _engine = create_engine(DATABASE_URL, pool_size=5)
 engine = forksafe.track(_engine) if os.environ.get("BENCH_FORKSAFE", "1") == "1" else _engine
-with engine.connect() as _conn:  # used at import, as apps do
-    _conn.execute(text("SELECT 1"))
+ITEMS = 2000
 
 
-def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-    """``/_pid`` (the worker's pid) or ``/`` (a cached record and a query)."""
-    pid = answer_pid(environ, start_response)
-    if pid is not None:
-        return pid
+def _setup() -> None:
+    """Create the tables and seed the rows /items reads, once (used at import, as apps do)."""
+    Base.metadata.create_all(engine)
+    first, second = MODELS[0], MODELS[1]
+    with sqlalchemy.orm.Session(engine) as session, session.begin():
+        if session.scalar(select(func.count()).select_from(second)) == ITEMS:
+            return
+        session.execute(second.__table__.delete())
+        session.execute(first.__table__.delete())
+        session.add_all(
+            first(id=i, name=f"parent {i}", code=f"P{i}", price=decimal.Decimal(i) / 100)
+            for i in range(1, ITEMS + 1)
+        )
+        session.flush()
+        session.add_all(
+            second(
+                id=i, name=f"item {i}", code=f"I{i}", price=decimal.Decimal(i) / 100, parent_id=i
+            )
+            for i in range(1, ITEMS + 1)
+        )
+
+
+_setup()
+
+
+def _item(item_id: int) -> bytes | None:
+    """One row and its parent row through the ORM, as JSON."""
+    first, second = MODELS[0], MODELS[1]
+    with sqlalchemy.orm.Session(engine) as session:
+        row = session.get(second, item_id)
+        if row is None:
+            return None
+        parent = session.get(first, row.parent_id)
+        return json.dumps(
+            {
+                "id": row.id,
+                "name": row.name,
+                "code": row.code,
+                "price": str(row.price),
+                "parent": None if parent is None else {"id": parent.id, "name": parent.name},
+            }
+        ).encode()
+
+
+def _app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """``/items/<id>`` (the ORM) or ``/`` (a cached record and a query)."""
+    path = environ.get("PATH_INFO", "/")
+    if path.startswith("/items/"):
+        body = _item(int(path.rsplit("/", 1)[1])) if path.rsplit("/", 1)[1].isdigit() else None
+        if body is None:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"no such item\n"]
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [body]
     with engine.connect() as conn:
         one = conn.execute(text("SELECT 1")).scalar()
     item = CATALOGUE[os.getpid() % len(CATALOGUE)]
     body = json.dumps({"one": one, "item": {**item, "price": str(item["price"])}}).encode()
     start_response("200 OK", [("Content-Type", "application/json")])
     return [body]
+
+
+application = with_pid(_app)
+
+if os.environ.get("BENCH_WARMUP") == "1":
+    warm_up(application, ["/items/1", "/items/2", "/"])
