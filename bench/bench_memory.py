@@ -87,12 +87,12 @@ def _wrk(base: str, app: str, seconds: float, limit: int, workers: int) -> dict[
          "--timeout", "10s", "-s", str(SCRIPT), base + "/"],
         capture_output=True, text=True, env=env, timeout=seconds + 120, check=False,
     )  # fmt: skip
-    count = re.search(r"(\d+) requests in ([\d.]+)(m?s)", done.stdout)
+    count = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)\b", done.stdout)
     if done.returncode != 0 or not count:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-800:]}{done.stderr}")
     per_pid = {int(p): int(n) for p, n in re.findall(r"^pid (\d+) (\d+)$", done.stdout, re.M)}
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", done.stdout)
-    elapsed = float(count.group(2)) / (1000 if count.group(3) == "ms" else 1)
+    elapsed = float(count.group(2)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[count.group(3)]
     return {
         "requests": int(count.group(1)),
         "seconds": elapsed,
@@ -116,7 +116,8 @@ def traffic(base: str, app: str, total: int, workers: int) -> dict[str, object]:
     while sent < total * 0.98:
         remaining = total - sent
         rate = timed / busy if busy else 0.0
-        seconds = max(1.0, min(120.0, remaining / rate * 0.95)) if rate else 3.0
+        first = 1.0 if remaining <= 500 else 3.0  # wrk runs its whole -d, whole seconds
+        seconds = max(1.0, min(120.0, remaining / rate * 0.95)) if rate else first
         limit = math.ceil(remaining / WRK_THREADS)
         run = _wrk(base, app, seconds, limit, workers)
         requests = int(run["requests"])  # type: ignore[call-overload]

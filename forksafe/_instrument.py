@@ -482,7 +482,14 @@ def _scan_gc() -> list[Any]:
     if not classes:
         return []
     wanted = tuple(classes)
-    return [obj for obj in gc.get_objects() if isinstance(obj, wanted)]
+    frozen = gc.get_freeze_count() > 0
+    if frozen:  # gc.freeze() (forksafe's server hooks, or the app's) hides objects from
+        gc.unfreeze()  # gc.get_objects(); both calls only relink lists
+    try:
+        return [obj for obj in gc.get_objects() if isinstance(obj, wanted)]
+    finally:
+        if frozen:
+            gc.freeze()
 
 
 def _untracked_inherited(pid: int) -> list[tuple[Any, str]]:

@@ -34,8 +34,9 @@ EXPECTED: dict[str, tuple[bool, dict[str, set[str]]]] = {
         "registry after": {"entries after", "memory kept, KiB"},
     }),
     "bench_memory.py": (True, {
-        "memory and start-up, flask": {"gunicorn", "uwsgi"},
-        "ratios": {"flask"},
+        "memory and start-up, flask": {"gunicorn", "uwsgi", "lazy", "no freeze", "forksafe",
+                                       "0", "50", "200"},
+        "ratios": {"flask", "no freeze", "forksafe"},
     }),
     "bench_throughput.py": (True, {
         "throughput": {"preload + forksafe", "lazy-apps", "NullPool", "pre_ping"},

@@ -8,6 +8,7 @@ forksafe's reset had already run there.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -54,22 +55,72 @@ def wait_for_files(hook_dir: Path, count: int, timeout: float = 15.0) -> dict[in
         time.sleep(0.05)
 
 
-def run_uwsgi(mariadb: Any, tmp_path: Path, setup: str, master: bool) -> tuple[Any, int]:
+def wait_for_json(hook_dir: Path, prefix: str, count: int, timeout: float = 30.0) -> list[dict]:
+    """The JSON files ``<prefix>-*`` once there are ``count`` of them (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = sorted(hook_dir.glob(f"{prefix}-*"))
+        if len(found) >= count:
+            return [json.loads(p.read_text()) for p in found]
+        assert time.monotonic() < deadline, (
+            f"only {len(found)} of {count} {prefix}-* files in {hook_dir} after {timeout:g} s"
+        )
+        time.sleep(0.05)
+
+
+def wait_for_paths(paths: list[Path], timeout: float = 30.0) -> list[Path]:
+    """The paths that exist once all do, or when ``timeout`` runs out (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while not all(p.exists() for p in paths) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in paths if p.exists()]
+
+
+def run_uwsgi(
+    mariadb: Any,
+    tmp_path: Path,
+    setup: str,
+    master: bool,
+    *,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+) -> tuple[Any, int]:
     port = free_port()
     command = [
-        str(BIN / "uwsgi"), "--http-socket", f"127.0.0.1:{port}",
-        "--wsgi-file", str(APPS / "hook_app.py"), "--callable", "application",
-        "--processes", "4", "--need-app", "--disable-logging", "--die-on-term",
+        str(BIN / "uwsgi"),
+        "--http-socket",
+        f"127.0.0.1:{port}",
+        "--wsgi-file",
+        str(APPS / "hook_app.py"),
+        "--callable",
+        "application",
+        "--processes",
+        "4",
+        "--need-app",
+        "--disable-logging",
+        "--die-on-term",
+        *args,
     ]
     if master:
         command.append("--master")
-    env = {**os.environ, "DB_URL": mariadb.url(), "HOOK_DIR": str(tmp_path),
-           "HOOK_SETUP": setup}
+    env = {
+        **os.environ,
+        "DB_URL": mariadb.url(),
+        "HOOK_DIR": str(tmp_path),
+        "HOOK_SETUP": setup,
+        **(env or {}),
+    }
     # Without a master, SIGINT to the process group ends every worker; uWSGI's original
     # process (worker 1) then exits with status 30.
-    server = HTTPExecutor(command, url=f"http://127.0.0.1:{port}/", status="200", timeout=60,
-                          envvars=env, stop_signal=signal.SIGINT,
-                          expected_returncode=None if master else 30)
+    server = HTTPExecutor(
+        command,
+        url=f"http://127.0.0.1:{port}/",
+        status="200",
+        timeout=60,
+        envvars=env,
+        stop_signal=signal.SIGINT,
+        expected_returncode=None if master else 30,
+    )
     server.start()
     return server, port
 
@@ -139,7 +190,7 @@ def test_uwsgi_hook_replaced_by_hand_is_backed_by_the_pid_check(
         assert r["internal_errors"] == []
 
 
-GUNICORN_CONF = '''
+GUNICORN_CONF = """
 import os
 from forksafe.gunicorn import chain
 
@@ -155,7 +206,7 @@ def post_fork(server, worker):
     with open(partial, "w") as fh:
         fh.write(str(_fork._STATE.resets))
     os.replace(partial, os.path.join(hook_dir, f"user-{worker.pid}"))
-'''
+"""
 
 
 def test_gunicorn_chained_post_fork(mariadb: Any, tmp_path: Path) -> None:
@@ -167,9 +218,20 @@ def test_gunicorn_chained_post_fork(mariadb: Any, tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "DB_URL": mariadb.url(), "HOOK_DIR": str(hook_dir)}
     server = HTTPExecutor(
-        [str(BIN / "gunicorn"), "-c", str(conf), "--bind", f"127.0.0.1:{port}",
-         "--chdir", str(APPS), "hook_app:application"],
-        url=f"http://127.0.0.1:{port}/", status="200", timeout=60, envvars=env,
+        [
+            str(BIN / "gunicorn"),
+            "-c",
+            str(conf),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--chdir",
+            str(APPS),
+            "hook_app:application",
+        ],
+        url=f"http://127.0.0.1:{port}/",
+        status="200",
+        timeout=60,
+        envvars=env,
     )
     server.start()
     try:
@@ -184,25 +246,308 @@ def test_gunicorn_chained_post_fork(mariadb: Any, tmp_path: Path) -> None:
         assert r["cid"] != r["parent_cid"]
 
 
-def test_gunicorn_validates_forksafe_hooks() -> None:
-    """gunicorn's own validator accepts post_fork and chain(); chain() rejects a bad arity."""
+def _hook_two(server, worker): ...  # type: ignore[no-untyped-def]
+def _hook_extra_default(server, worker, extra=None): ...  # type: ignore[no-untyped-def]
+def _hook_one(worker): ...  # type: ignore[no-untyped-def]
+def _hook_varargs(*args): ...  # type: ignore[no-untyped-def]
+def _hook_server_varargs(server, *args): ...  # type: ignore[no-untyped-def]
+def _hook_keyword_only(server, worker, *, extra=None): ...  # type: ignore[no-untyped-def]
+def _hook_kwargs(server, worker, **kwargs): ...  # type: ignore[no-untyped-def]
+def _hook_three(server, worker, extra): ...  # type: ignore[no-untyped-def]
+
+
+class _Hooks:
+    def method(self, server, worker): ...  # type: ignore[no-untyped-def]
+    def method_extra(self, server, worker, extra=None): ...  # type: ignore[no-untyped-def]
+
+
+HOOK_SHAPES = {
+    "(server, worker)": _hook_two,
+    "(server, worker, extra=None)": _hook_extra_default,
+    "(worker)": _hook_one,
+    "(*args)": _hook_varargs,
+    "(server, *args)": _hook_server_varargs,
+    "(server, worker, *, extra=None)": _hook_keyword_only,
+    "(server, worker, **kwargs)": _hook_kwargs,
+    "(server, worker, extra)": _hook_three,
+    "bound method (server, worker)": _Hooks().method,
+    "bound method (server, worker, extra=None)": _Hooks().method_extra,
+    "partial": functools.partial(_hook_three, "fixed"),
+    "lambda s, w": lambda s, w: None,
+}
+
+
+@pytest.mark.parametrize("shape", sorted(HOOK_SHAPES))
+@pytest.mark.parametrize("setting", ["post_fork", "pre_fork"])
+def test_gunicorn_chain_accepts_exactly_what_gunicorn_accepts(shape: str, setting: str) -> None:
+    """chain() and chain_pre_fork() follow gunicorn's own arity check, case for case.
+
+    gunicorn counts every positional parameter, those with defaults included, so it rejects
+    ``(server, worker, extra=None)``: chain() must reject it at once, with the fix, instead
+    of handing gunicorn a hook it refuses at start-up. Whatever chain() returns, gunicorn
+    accepts.
+    """
     from gunicorn.config import validate_callable
 
-    from forksafe.gunicorn import chain, post_fork
+    import forksafe.gunicorn
+
+    hook = HOOK_SHAPES[shape]
+    wrap = forksafe.gunicorn.chain if setting == "post_fork" else forksafe.gunicorn.chain_pre_fork
+    try:
+        validate_callable(2)(hook)
+    except TypeError:
+        gunicorn_accepts = False
+    else:
+        gunicorn_accepts = True
+    if gunicorn_accepts:
+        chained = wrap(hook)
+        assert validate_callable(2)(chained) is chained
+    else:
+        with pytest.raises(TypeError, match=rf"exactly \(server, worker\).*def {setting}"):
+            wrap(hook)
+
+
+def test_gunicorn_accepts_forksafe_hooks() -> None:
+    """gunicorn's validator accepts forksafe's own hooks; chain() refuses a non-callable."""
+    from gunicorn.config import validate_callable
+
+    from forksafe.gunicorn import chain, post_fork, pre_fork
 
     assert validate_callable(2)(post_fork) is post_fork
-    chained = chain(lambda server, worker: None)
-    assert validate_callable(2)(chained) is chained
-    with pytest.raises(TypeError, match=r"exactly \(server, worker\)"):
-        chain(lambda worker: None)
+    assert validate_callable(2)(pre_fork) is pre_fork
+    with pytest.raises(TypeError, match="needs a function"):
+        chain("not a function")  # type: ignore[arg-type]
 
 
 def test_forksafe_uwsgi_outside_uwsgi_says_what_to_do() -> None:
     """Importing forksafe.uwsgi outside uWSGI is an ImportError that points to the fix."""
     import subprocess
 
-    done = subprocess.run([sys.executable, "-c", "import forksafe.uwsgi"],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", "import forksafe.uwsgi"], capture_output=True, text=True, check=False
+    )
     assert done.returncode != 0
     assert "only works inside a uWSGI worker" in done.stderr
     assert "forksafe.gunicorn" in done.stderr
+
+
+# --- the garbage collector freeze ------------------------------------------------------
+
+
+@pytest.mark.parametrize("freeze", ["on", "off"])
+def test_uwsgi_freezes_the_collector_first_in_every_worker(
+    mariadb: Any, tmp_path: Path, freeze: str
+) -> None:
+    """uWSGI: every worker freezes once, before the app's own post-fork hooks run.
+
+    The list the app created at import (in the master) is frozen in every worker that
+    answers. ``FORKSAFE_GC_FREEZE=0`` turns it off: nothing is frozen.
+    """
+    env = {"FORKSAFE_GC_FREEZE": "0"} if freeze == "off" else {}
+    server, port = run_uwsgi(mariadb, tmp_path, "decorators_after", True, env=env)
+    try:
+        responses = hit(port)
+        states = wait_for_json(tmp_path, "ufreeze", 4)
+        master = server.process.pid
+    finally:
+        server.stop()
+    assert {s["ppid"] for s in states} == {master}, states  # forked workers, one master
+    for r in responses:
+        assert r["internal_errors"] == []
+        assert r["import_objects_frozen"] is (freeze == "on"), r
+    if freeze == "on":
+        # the user's hook (after forksafe's) finds the worker frozen, by one forksafe freeze
+        assert all(s["freezes"] == 1 and s["frozen"] > 0 for s in states), states
+    else:
+        assert all(s["freezes"] == 0 and s["frozen"] == 0 for s in states), states
+
+
+def test_uwsgi_freeze_failure_never_reaches_the_server(mariadb: Any, tmp_path: Path) -> None:
+    """A raising ``gc.freeze`` is reported as forksafe's internal error; uWSGI serves on.
+
+    The reset and the user's own hook still run in every worker.
+    """
+    server, port = run_uwsgi(
+        mariadb, tmp_path, "decorators_after", True, env={"HOOK_BREAK_FREEZE": "1"}
+    )
+    try:
+        responses = hit(port)
+        files = wait_for_files(tmp_path, 4)
+    finally:
+        server.stop()
+    assert set(files.values()) == {1}, files  # reset done before the user's hook
+    for r in responses:
+        assert r["resets"] == 1
+        assert r["cid"] != r["parent_cid"]
+        assert any("broken on purpose" in e for e in r["internal_errors"]), r
+        assert r["import_objects_frozen"] is False
+
+
+GUNICORN_FREEZE_CONF = """
+import gc, json, os
+from forksafe.gunicorn import chain, chain_pre_fork
+
+preload_app = True
+workers = 3
+loglevel = "warning"
+graceful_timeout = 5
+
+
+def _record(tag, worker):
+    from forksafe import _gc_freeze
+
+    hook_dir = os.environ["HOOK_DIR"]
+    state = {"pid": os.getpid(), "ppid": os.getppid(), "age": worker.age,
+             "freezes": _gc_freeze.freezes(), "frozen": gc.get_freeze_count()}
+    partial = os.path.join(hook_dir, f".partial-{tag}-{worker.age}")
+    with open(partial, "w") as fh:
+        json.dump(state, fh)
+    os.replace(partial, os.path.join(hook_dir, f"{tag}-{worker.age:03d}"))
+
+
+@chain_pre_fork
+def pre_fork(server, worker):
+    _record("pre", worker)
+
+
+@chain
+def post_fork(server, worker):
+    _record("post", worker)
+"""
+
+
+def start_gunicorn(
+    mariadb: Any, tmp_path: Path, conf_text: str, env: dict[str, str] | None = None
+) -> tuple[Any, int, Path]:
+    hook_dir = tmp_path / "hooks"
+    hook_dir.mkdir()
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text(conf_text)
+    port = free_port()
+    server = HTTPExecutor(
+        [str(BIN / "gunicorn"), "-c", str(conf), "--bind", f"127.0.0.1:{port}",
+         "--chdir", str(APPS), "hook_app:application"],
+        url=f"http://127.0.0.1:{port}/", status="200", timeout=60,
+        envvars={**os.environ, "DB_URL": mariadb.url(), "HOOK_DIR": str(hook_dir),
+                 **(env or {})},
+    )  # fmt: skip
+    server.start()
+    return server, port, hook_dir
+
+
+def test_gunicorn_freezes_in_the_master_once_per_generation(mariadb: Any, tmp_path: Path) -> None:
+    """gunicorn: ``pre_fork`` freezes in the master before the first fork of a generation.
+
+    The three workers of the first generation fork from one freeze; a respawned worker
+    (one killed) forks from the same one; a reload (HUP) starts a new generation, frozen
+    once more. Every worker finds itself frozen at ``post_fork``, and the app's import-time
+    objects are frozen where requests run.
+    """
+    server, port, hook_dir = start_gunicorn(mariadb, tmp_path, GUNICORN_FREEZE_CONF)
+    master = server.process.pid
+    try:
+        first = wait_for_json(hook_dir, "post", 3)
+        responses = hit(port)
+        os.kill(first[0]["pid"], signal.SIGKILL)  # gunicorn respawns it: same generation
+        respawned = wait_for_json(hook_dir, "post", 4)
+        os.kill(master, signal.SIGHUP)  # reload: three new workers, a new generation
+        reloaded = wait_for_json(hook_dir, "post", 7)
+        pre = wait_for_json(hook_dir, "pre", 7)
+        answers_after_reload = hit(port, 8)
+    finally:
+        server.stop()
+    # the freeze ran in the master (pid), before each fork; the count is the generation
+    assert [(s["pid"], s["age"], s["freezes"]) for s in pre] == [
+        (master, 1, 1), (master, 2, 1), (master, 3, 1),  # first generation: one freeze
+        (master, 4, 1),  # respawn after a worker died: no new freeze
+        (master, 5, 2), (master, 6, 2), (master, 7, 2),  # after HUP: one more
+    ], pre  # fmt: skip
+    assert all(s["frozen"] > 0 for s in pre)
+    post = {s["age"]: s for s in reloaded}
+    assert all(s["ppid"] == master and s["frozen"] > 0 for s in post.values()), post
+    assert [post[a]["freezes"] for a in sorted(post)] == [1, 1, 1, 1, 2, 2, 2], post
+    assert len(respawned) == 4
+    for r in responses + answers_after_reload:
+        assert r["internal_errors"] == []
+        assert r["import_objects_frozen"] is True, r
+        assert r["cid"] != r["parent_cid"]
+
+
+def test_gunicorn_freeze_off(mariadb: Any, tmp_path: Path) -> None:
+    """``FORKSAFE_GC_FREEZE=0``: neither hook freezes; connections are still reset."""
+    server, port, hook_dir = start_gunicorn(
+        mariadb, tmp_path, GUNICORN_FREEZE_CONF, env={"FORKSAFE_GC_FREEZE": "0"}
+    )
+    try:
+        post = wait_for_json(hook_dir, "post", 3)
+        responses = hit(port)
+    finally:
+        server.stop()
+    assert all(s["freezes"] == 0 and s["frozen"] == 0 for s in post), post
+    for r in responses:
+        assert r["import_objects_frozen"] is False
+        assert r["resets"] == 1
+        assert r["cid"] != r["parent_cid"]
+        assert r["internal_errors"] == []
+
+
+def test_gunicorn_post_fork_alone_freezes_in_the_worker(mariadb: Any, tmp_path: Path) -> None:
+    """A config with only ``post_fork`` (no ``pre_fork``) still freezes, in each worker."""
+    conf = "preload_app = True\nworkers = 2\nfrom forksafe.gunicorn import post_fork\n"
+    server, port, _ = start_gunicorn(mariadb, tmp_path, conf)
+    try:
+        responses = hit(port)
+    finally:
+        server.stop()
+    for r in responses:
+        assert r["import_objects_frozen"] is True, r
+        assert r["frozen"] > 0, r
+        assert r["internal_errors"] == []
+
+
+def test_gunicorn_freeze_failure_never_reaches_the_server(mariadb: Any, tmp_path: Path) -> None:
+    """A raising ``gc.freeze`` is reported as forksafe's internal error; gunicorn serves on."""
+    conf = (
+        "import gc\n"
+        "def _broken():\n"
+        "    raise RuntimeError('gc.freeze is broken on purpose')\n"
+        "gc.freeze = _broken\n" + GUNICORN_FREEZE_CONF
+    )
+    server, port, hook_dir = start_gunicorn(mariadb, tmp_path, conf)
+    try:
+        post = wait_for_json(hook_dir, "post", 3)
+        responses = hit(port)
+    finally:
+        server.stop()
+    assert all(s["frozen"] == 0 for s in post)
+    for r in responses:
+        assert r["resets"] == 1
+        assert r["cid"] != r["parent_cid"]
+        assert any("broken on purpose" in e for e in r["internal_errors"]), r
+
+
+# --- the app's own uWSGI handlers ------------------------------------------------------
+
+
+@pytest.mark.parametrize("setup", ["handlers_before", "handlers_after"])
+def test_uwsgi_keeps_the_apps_spooler_and_mule_handlers(
+    mariadb: Any, tmp_path: Path, setup: str
+) -> None:
+    """``uwsgi.spooler`` and ``uwsgi.mule_msg_hook`` set by the app survive forksafe.uwsgi.
+
+    forksafe.uwsgi imports uwsgidecorators, which sets both; handlers the app set before
+    (or after) must still receive the spooled job and the mule message.
+    """
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    server, port = run_uwsgi(
+        mariadb, tmp_path, setup, True, args=("--spooler", str(spool_dir), "--mule")
+    )
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/spool?job1", timeout=20) as resp:
+            assert resp.read() == b"spooled"
+        wanted = [tmp_path / "spooled-job1", tmp_path / "mule-job1"]
+        arrived = wait_for_paths(wanted)
+    finally:
+        server.stop()
+    assert arrived == wanted, f"the app's handlers got only {arrived}"

@@ -2,11 +2,22 @@
 
 Environment: DB_URL, HOOK_DIR (where hooks leave one file per worker), HOOK_SETUP (how the
 user's own hook is registered relative to forksafe's). Each user hook writes how many
-forksafe resets had happened in its process when it ran: 1 means forksafe's hook ran first.
+forksafe resets had happened in its process when it ran: 1 means forksafe's hook ran first,
+and the garbage collector's freeze state at that moment (``ufreeze-<pid>``).
+
+``HOOK_SETUP=handlers_before`` / ``handlers_after`` set the app's own ``uwsgi.spooler`` and
+``uwsgi.mule_msg_hook`` before / after importing forksafe.uwsgi; ``GET /spool`` then spools a
+job and sends a mule message, and the handlers record them as ``spooled-*`` / ``mule-*``
+files. ``HOOK_BREAK_FREEZE=1`` makes ``gc.freeze`` raise, as a broken runtime would.
+
+Every response says whether ``FROZEN_AT_IMPORT`` (a list created at import, in the master
+when preloaded) is frozen in the worker that answers: frozen objects are left out of
+``gc.get_objects()``.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 
@@ -27,9 +38,50 @@ def record(tag: str) -> None:
     os.replace(partial, final)
 
 
+def record_freeze(tag: str) -> None:
+    """Write this process's freeze state as JSON under ``<tag>-<pid>``."""
+    from forksafe import _gc_freeze
+
+    final = os.path.join(HOOK_DIR, f"{tag}-{os.getpid()}")
+    partial = os.path.join(HOOK_DIR, f".partial-{tag}-{os.getpid()}")
+    state = {
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "freezes": _gc_freeze.freezes(),
+        "frozen": gc.get_freeze_count(),
+    }
+    with open(partial, "w") as fh:
+        json.dump(state, fh)
+    os.replace(partial, final)
+
+
 def user_hook(*_args: object) -> None:
     record("user")
+    record_freeze("ufreeze")
 
+
+def app_spooler(env: dict) -> int:
+    import uwsgi
+
+    name = env.get(b"name", b"?").decode()
+    with open(os.path.join(HOOK_DIR, f"spooled-{name}"), "w") as fh:
+        fh.write(str(os.getpid()))
+    return int(uwsgi.SPOOL_OK)
+
+
+def app_mule_msg_hook(message: bytes) -> None:
+    with open(os.path.join(HOOK_DIR, f"mule-{message.decode()}"), "w") as fh:
+        fh.write(str(os.getpid()))
+
+
+if os.environ.get("HOOK_BREAK_FREEZE") == "1":
+
+    def _broken_freeze() -> None:
+        raise RuntimeError("gc.freeze is broken on purpose")
+
+    gc.freeze = _broken_freeze
+
+FROZEN_AT_IMPORT: list[str] = ["created at import"]
 
 if SETUP:
     import uwsgi
@@ -54,6 +106,15 @@ if SETUP:
         import forksafe.uwsgi
 
         uwsgi.post_fork_hook = user_hook
+    elif SETUP == "handlers_before":
+        uwsgi.spooler = app_spooler
+        uwsgi.mule_msg_hook = app_mule_msg_hook
+        import forksafe.uwsgi
+    elif SETUP == "handlers_after":
+        import forksafe.uwsgi
+
+        uwsgi.spooler = app_spooler
+        uwsgi.mule_msg_hook = app_mule_msg_hook
     else:
         raise RuntimeError(f"unknown HOOK_SETUP {SETUP}")
 
@@ -67,6 +128,15 @@ with engine.connect() as _conn:
 def application(environ: dict, start_response: object) -> list[bytes]:
     from forksafe import _fork
 
+    if environ.get("PATH_INFO") == "/spool":
+        import uwsgi
+
+        name = environ.get("QUERY_STRING", "job")
+        uwsgi.spool({b"name": name.encode()})
+        uwsgi.mule_msg(name.encode(), 1)
+        start_response("200 OK", [("Content-Type", "text/plain")])  # type: ignore[operator]
+        return [b"spooled"]
+
     with engine.connect() as conn:
         cid = int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one())
     body = json.dumps(
@@ -76,6 +146,8 @@ def application(environ: dict, start_response: object) -> list[bytes]:
             "cid": cid,
             "parent_cid": PARENT_ID,
             "internal_errors": [repr(e) for e in forksafe.internal_errors()],
+            "import_objects_frozen": not any(o is FROZEN_AT_IMPORT for o in gc.get_objects()),
+            "frozen": gc.get_freeze_count(),
         }
     ).encode()
     start_response("200 OK", [("Content-Type", "application/json")])  # type: ignore[operator]
