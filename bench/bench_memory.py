@@ -275,6 +275,8 @@ def report(
                     if (r["app"], r["server"], r["mode"], r["point"]) == (app, server, mode, point)
                 )
 
+            if not any((r["app"], r["server"], r["mode"]) == (app, server, LAZY) for r in results):
+                continue  # no lazy run to compare with (see --from-json)
             for mode in modes:
                 if mode == LAZY:
                     continue
@@ -327,8 +329,6 @@ def main() -> int:
         return 2
     by_short = {v: k for k, v in SHORT.items()}
     modes = [by_short[m.strip()] for m in args.modes.split(",")]
-    if LAZY not in modes:
-        modes.insert(0, LAZY)
     workers = 2 if args.quick else args.workers
     points = [0, 50, 200] if args.quick else [int(p) for p in args.points.split(",")]
     apps = ["flask"] if args.quick else args.apps.split(",")
