@@ -1,19 +1,22 @@
 """``forksafe.instrument()``: track every engine and connection, and report the ones nobody did.
 
-What `instrument` patches (and `uninstrument` restores exactly, attribute by attribute):
+What `instrument` wraps (``forksafe._patching``: undoable, and invisible to code that
+inspects the originals, since each wrapper has the original's exact parameters):
 
-* ``sqlalchemy.engine.Engine.__init__``: every ``Engine`` constructed from then on (by
+* ``sqlalchemy.engine.base:Engine.__init__``: every ``Engine`` constructed from then on (by
   ``create_engine``, ``create_async_engine``, ``engine_from_config``, however imported) is
-  passed to `forksafe.track` (engines of an unsupported driver are only recorded).
-* the connection classes of the Python drivers: ``MySQLdb.connections.Connection.__init__``
-  (mysqlclient), ``pymysql.connections.Connection.__init__`` and
-  ``psycopg.BaseConnection.__init__`` (sync and async psycopg 3): every connection object
-  constructed from then on is tracked.
-* ``psycopg2.connect`` (psycopg2's connection class is written in C and cannot be patched):
-  connections made through ``psycopg2.connect`` are tracked; a ``from psycopg2 import
-  connect`` executed *before* ``instrument()`` keeps the unpatched function.
-* drivers imported after ``instrument()`` are patched when they are imported (a
+  passed to `forksafe.track`. An engine of a driver forksafe does not support is only
+  recorded, with one INFO line per dialect.
+* every constructor the drivers list (`forksafe.drivers.Driver.constructors`): a connection
+  class's ``__init__`` (mysqlclient, PyMySQL, psycopg 3) or a module function
+  (``psycopg2:connect``: psycopg2's connection class is written in C; a ``from psycopg2
+  import connect`` executed *before* ``instrument()`` keeps the unwrapped function).
+* modules imported after ``instrument()`` are wrapped when they are imported (a
   ``sys.meta_path`` finder that only watches those module names; removed by uninstrument).
+
+`uninstrument` restores each attribute that still holds forksafe's wrapper; one another
+library wrapped after us is left in place (the log says so) and our wrapper inside it does
+nothing from then on. A second `instrument` says in the log that it is already on.
 
 Each engine and connection seen is recorded weakly with the place that created it (the first
 stack frame outside forksafe, SQLAlchemy and the drivers): about 10 µs per new connection.
@@ -49,10 +52,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from forksafe import _fork
+from forksafe import _fork, _patching
+from forksafe._patching import target_module
 from forksafe._registry import REGISTRY, ConnectionEntry
 from forksafe._state import ForkLock, weak_keys
-from forksafe.drivers import dialect_drivers, driver_for_dialect, find_driver, unwrap
+from forksafe.drivers import (
+    all_drivers,
+    dialect_drivers,
+    driver_for_dialect,
+    find_driver,
+    unwrap,
+)
 from forksafe.exceptions import ForkSafetyWarning, UntrackedConnectionError
 
 __all__ = [
@@ -119,18 +129,20 @@ _LOCK = ForkLock("instrument", reentrant=True)
 # Weak records of what was created while instrumented: object -> Origin.
 _SEEN: weakref.WeakKeyDictionary[Any, Origin] = weakref.WeakKeyDictionary()
 # How to undo each patch, in the order they were made (undone in reverse).
-_UNDO: list[Callable[[], None]] = []
-_MISSING = object()
+_UNDO: list[Callable[[], str | None]] = []
+#: The engine constructor instrument() wraps, besides the drivers' own constructors.
+ENGINE_TARGET = "sqlalchemy.engine.base:Engine.__init__"
 
 
 class _InstrumentState:
-    __slots__ = ("active", "finder", "patched_modules", "pending_strict", "track")
+    __slots__ = ("active", "finder", "patched", "pending_strict", "track", "unsupported")
 
     def __init__(self) -> None:
         self.active = False
         self.track = True
         self.finder: _PostImportFinder | None = None
-        self.patched_modules: set[str] = set()
+        self.patched: set[str] = set()  # targets wrapped ("module:qualname")
+        self.unsupported: set[str] = set()  # engine dialects already logged as unsupported
         self.pending_strict: list[str] = []  # descriptions of untracked inherited objects
 
 
@@ -163,21 +175,29 @@ def instrument(*, track: bool = True) -> None:
             connection nobody tracked (an audit: see the module docstring).
     """
     with _LOCK:
-        _STATE.track = track
         if _STATE.active:
+            changed = _STATE.track != track
+            _STATE.track = track
+            logger.warning(
+                "forksafe: instrument() is already on%s",
+                f"; from now on it {'tracks' if track else 'only records'} new connections"
+                if changed else "; nothing to do",
+            )
             return
+        _STATE.track = track
         _STATE.active = True
-        for name in _TARGETS:
-            if name in sys.modules:
-                _patch_module(name)
+        for target in _targets():
+            _patch(target)
         _STATE.finder = _PostImportFinder()
         sys.meta_path.insert(0, _STATE.finder)
 
 
 def uninstrument() -> None:
-    """Undo `instrument`: every patched attribute gets its original value back (idempotent).
+    """Undo `instrument` (idempotent): every attribute it replaced gets its original back.
 
-    What was tracked stays tracked; records of creation sites are kept for reports.
+    An attribute that another library replaced after `instrument` (its own wrapper around
+    ours) is left as it is, and the log says so; forksafe's wrapper inside it does nothing
+    from then on. What was tracked stays tracked; records of creation sites are kept.
     """
     with _LOCK:
         if not _STATE.active:
@@ -187,8 +207,10 @@ def uninstrument() -> None:
             sys.meta_path.remove(_STATE.finder)
         _STATE.finder = None
         while _UNDO:
-            _UNDO.pop()()
-        _STATE.patched_modules.clear()
+            why_not = _UNDO.pop()()
+            if why_not is not None:
+                logger.warning("forksafe: uninstrument(): %s", why_not)
+        _STATE.patched.clear()
 
 
 def is_instrumented() -> bool:
@@ -279,6 +301,8 @@ def _record(obj: Any, kind: str) -> Origin:
 
 
 def _on_new_connection(conn: Any) -> None:
+    if not _STATE.active:  # a wrapper of ours that another library's kept after uninstrument
+        return
     try:
         _check_strict_pending()
         raw = unwrap(conn)
@@ -299,106 +323,65 @@ def _on_new_connection(conn: Any) -> None:
 
 
 def _on_new_engine(engine: Any) -> None:
+    if not _STATE.active:
+        return
     try:
         _record(engine, "engine")
-        if _STATE.track:
+        if not _STATE.track:
+            return
+        dialect = getattr(engine, "dialect", None)
+        driver = getattr(dialect, "driver", None)
+        if driver in dialect_drivers():
             import forksafe
-            from forksafe import sqlalchemy as sa_adapter
 
-            if engine.dialect.driver in dialect_drivers():
-                forksafe.track(engine)
-            else:
-                logger.warning(
-                    "forksafe: %s uses driver %r, which forksafe cannot protect",
-                    sa_adapter.describe(engine), engine.dialect.driver,
-                )
+            forksafe.track(engine)
+            return
+        name = f"{getattr(dialect, 'name', None) or type(dialect).__name__}" + (
+            f"+{driver}" if isinstance(driver, str) and driver else "")
+        with _LOCK:
+            first = name not in _STATE.unsupported
+            _STATE.unsupported.add(name)
+        if first:
+            logger.info(
+                "forksafe: engines of %s are not protected across fork: forksafe supports "
+                "%s (logged once per dialect)",
+                name, ", ".join(sorted(dialect_drivers())),
+            )
     except Exception as exc:
         _fork.report_internal_error(exc, "tracking a new engine")
 
 
 # -- patches ------------------------------------------------------------------------------------
-def _set(holder: Any, attr: str, value: Any) -> None:
-    """Set ``holder.attr`` and remember how to put back exactly what was there."""
-    original = vars(holder).get(attr, _MISSING)
-
-    def undo() -> None:
-        if original is _MISSING:
-            delattr(holder, attr)
-        else:
-            setattr(holder, attr, original)
-
-    _UNDO.append(undo)
-    setattr(holder, attr, value)
+def _targets() -> dict[str, Callable[[Any], None]]:
+    """Every constructor instrument() wraps, with what runs after it: the engine's, and
+    each driver's (`forksafe.drivers.Driver.constructors`)."""
+    targets: dict[str, Callable[[Any], None]] = {ENGINE_TARGET: _on_new_engine}
+    for driver in all_drivers():
+        for target in driver.constructors:
+            targets[target] = _on_new_connection
+    return targets
 
 
-def _wrap_init(cls: type, after: Callable[[Any], None]) -> None:
-    original = cls.__init__  # type: ignore[misc]
-
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N807 - it is __init__
-        original(self, *args, **kwargs)
-        after(self)
-
-    __init__.__wrapped__ = original  # type: ignore[attr-defined]
-    _set(cls, "__init__", __init__)
-
-
-def _wrap_function(module: Any, attr: str) -> None:
-    original = getattr(module, attr)
-
-    def connect(*args: Any, **kwargs: Any) -> Any:
-        conn = original(*args, **kwargs)
-        _on_new_connection(conn)
-        return conn
-
-    connect.__wrapped__ = original  # type: ignore[attr-defined]
-    connect.__doc__ = original.__doc__
-    _set(module, attr, connect)
-
-
-def _patch_sqlalchemy(module: Any) -> None:
+def _patch(target: str) -> None:
+    """Wrap ``target`` if its module is imported and it is not wrapped yet (under _LOCK)."""
+    if target in _STATE.patched or target_module(target) not in sys.modules:
+        return
+    try:
+        patch = _patching.apply(target, _targets()[target])
+    except Exception as exc:
+        _fork.report_internal_error(exc, f"instrumenting {target}")
+        return
+    _STATE.patched.add(target)
+    _UNDO.append(patch.undo)
     # No pool-wide checkout listener: it would put every pool on SQLAlchemy's slow checkout
     # path. Tracked pools check the pid themselves (forksafe.sqlalchemy); an untracked
     # inherited engine is refused by the listener _poison puts on that engine alone.
-    _wrap_init(module.Engine, _on_new_engine)
-
-
-def _patch_mysqldb(module: Any) -> None:
-    _wrap_init(module.Connection, _on_new_connection)
-
-
-def _patch_pymysql(module: Any) -> None:
-    _wrap_init(module.Connection, _on_new_connection)
-
-
-def _patch_psycopg2(module: Any) -> None:
-    _wrap_function(module, "connect")
-
-
-def _patch_psycopg(module: Any) -> None:
-    _wrap_init(module.BaseConnection, _on_new_connection)
-
-
-#: module name -> (module whose import triggers it, patcher)
-_TARGETS: dict[str, Callable[[Any], None]] = {
-    "sqlalchemy.engine.base": _patch_sqlalchemy,
-    "MySQLdb.connections": _patch_mysqldb,
-    "pymysql.connections": _patch_pymysql,
-    "psycopg2": _patch_psycopg2,
-    "psycopg": _patch_psycopg,
-}
 
 
 def _patch_module(name: str) -> None:
-    if name in _STATE.patched_modules:
-        return
-    module = sys.modules.get(name)
-    if module is None:
-        return
-    try:
-        _TARGETS[name](module)
-        _STATE.patched_modules.add(name)
-    except Exception as exc:
-        _fork.report_internal_error(exc, f"instrumenting {name}")
+    for target in _targets():
+        if target_module(target) == name:
+            _patch(target)
 
 
 class _PostImportFinder(importlib.abc.MetaPathFinder):
@@ -407,7 +390,7 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in _TARGETS:
+        if fullname not in {target_module(t) for t in _targets()}:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -471,10 +454,10 @@ def _make_raiser(description: str) -> Callable[..., Any]:
 # -- detection after fork -----------------------------------------------------------------------
 def _scan_gc() -> list[Any]:
     """Every live driver connection and Engine the garbage collector knows of."""
-    from forksafe.drivers import DRIVERS, _resolve
+    from forksafe.drivers import _resolve
 
     classes: list[type] = []
-    for driver in DRIVERS:
+    for driver in all_drivers():
         if driver.module in sys.modules:
             classes += [c for c in map(_resolve, driver.classes) if c is not None]
     if "sqlalchemy.engine.base" in sys.modules:
