@@ -14,8 +14,9 @@ with a fresh pool, so each worker opens its own connections, in its own loop.
 
 Configured by the same environment as `forksafe.testing.app` (``FORKSAFE_REPRO_URL``,
 ``FORKSAFE_REPRO_PROTECT``, ``FORKSAFE_REPRO_DB_TIMEOUT``). The URL's driver is replaced by
-the backend's asyncio driver (`forksafe.testing._async_drivers`): PostgreSQL through psycopg 3
-(``postgresql+psycopg_async``); MySQL/MariaDB through aiomysql.
+an asyncio driver (`forksafe.testing._async_drivers`, ``FORKSAFE_REPRO_ASYNC_DRIVER``):
+by default psycopg 3's (``postgresql+psycopg_async``) or aiomysql; asyncpg and asyncmy on
+request.
 
 Requests: ``GET /?n=<unique number>`` answers ``{"echo": n, "rows": [...], "pid": ...}``;
 a failure answers 500 with ``{"error": <category>, "message": ...}``; ``GET /health``
@@ -29,7 +30,7 @@ import os
 from typing import Any
 
 from forksafe.testing import checks
-from forksafe.testing._async_drivers import async_url
+from forksafe.testing._async_drivers import ENV_ASYNC_DRIVER, async_url
 
 __all__ = ["Database", "answer", "app"]
 
@@ -40,15 +41,14 @@ _ROWS_SQL = f"SELECT id, label FROM {checks.TABLE} WHERE id BETWEEN :a AND :b OR
 class Database:
     """The app's ``AsyncEngine``, protected by forksafe or not."""
 
-    def __init__(self, url: str, protect: bool, timeout: int) -> None:
+    def __init__(self, url: str, protect: bool, timeout: int, driver: str = "") -> None:
         from sqlalchemy.ext.asyncio import create_async_engine
 
-        target = async_url(url)
-        # psycopg and aiomysql both take connect_timeout; a query stuck on a shared socket
-        # is bounded by `answer`'s wait_for instead (neither has a read timeout)
-        engine = create_async_engine(
-            target, pool_size=8, connect_args={"connect_timeout": timeout}
-        )
+        target = async_url(url, driver)
+        # a query stuck on a shared socket is bounded by `answer`'s wait_for (none of the
+        # asyncio drivers has a read timeout); asyncpg calls its connect timeout "timeout"
+        key = "timeout" if "+asyncpg" in target else "connect_timeout"
+        engine = create_async_engine(target, pool_size=8, connect_args={key: timeout})
         if protect:
             import forksafe
 
@@ -58,14 +58,19 @@ class Database:
 
     async def answer(self, n: int) -> dict[str, Any]:
         """Run request ``n``'s two queries on one connection and return what came back."""
-        from sqlalchemy import text
+        from sqlalchemy import Integer, bindparam, text
 
         a = checks.first_id_for(n)
+        # typed parameters: asyncpg does not guess a type from a bare $1
+        echo_sql = text("SELECT :n AS echo").bindparams(bindparam("n", type_=Integer))
+        rows_sql = text(_ROWS_SQL).bindparams(
+            bindparam("a", type_=Integer), bindparam("b", type_=Integer)
+        )
         async with self.engine.connect() as conn:
-            first = (await conn.execute(text("SELECT :n AS echo"), {"n": n})).mappings().all()
+            first = (await conn.execute(echo_sql, {"n": n})).mappings().all()
             echo = first[0]["echo"] if first else None
             result = await conn.execute(
-                text(_ROWS_SQL), {"a": a, "b": a + checks.ROWS_PER_REQUEST - 1}
+                rows_sql, {"a": a, "b": a + checks.ROWS_PER_REQUEST - 1}
             )
             rows = [[r["id"], r["label"]] for r in result.mappings().all()]
         return {"echo": echo, "rows": rows}
@@ -83,6 +88,7 @@ def open_database() -> Database:
         url,
         protect=os.environ.get(checks.ENV_PROTECT, "1") == "1",
         timeout=int(os.environ.get(checks.ENV_DB_TIMEOUT, "3")),
+        driver=os.environ.get(ENV_ASYNC_DRIVER, ""),
     )
     # What an app does at import: check the database (create tables, warm a cache) in an
     # event loop of its own. The connection stays idle in the pool when the master forks.

@@ -29,7 +29,7 @@ from types import FrameType
 from typing import Any
 
 from forksafe.testing import checks
-from forksafe.testing._async_drivers import async_driver, missing_async_driver
+from forksafe.testing._async_drivers import ASYNC_DRIVERS, async_driver, missing_async_driver
 from forksafe.testing.report import RunResult, exit_status, render_json, render_table
 from forksafe.testing.servers import (
     DEFAULT_SCENARIOS,
@@ -77,6 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="mysqlclient (default for MySQL/MariaDB), pymysql, or psycopg2 (with a "
         "postgresql:// --db)",
+    )
+    parser.add_argument(
+        "--async-driver",
+        choices=list(ASYNC_DRIVERS),
+        default="",
+        help="the gunicorn-uvicorn scenario's asyncio driver (default: psycopg_async on "
+        "PostgreSQL, aiomysql on MySQL/MariaDB)",
     )
     parser.add_argument(
         "--db",
@@ -353,7 +360,9 @@ def _run_all(
                     scenario=scenario.name,
                     title=scenario.title,
                     mode=mode,
-                    driver=async_driver(target.url) if scenario.asgi else target.driver,
+                    driver=async_driver(target.url, args.async_driver)
+                    if scenario.asgi
+                    else target.driver,
                     protected=protect,
                 )
                 for round_no in range(1, args.rounds + 1):
@@ -370,6 +379,7 @@ def _run_all(
                         threads=args.threads,
                         port=args.port or free_port(),
                         db_timeout=_db_timeout(args.timeout, protect),
+                        async_driver=args.async_driver,
                     )
                     started = time.monotonic()
                     outcomes = run_round(
@@ -433,7 +443,8 @@ def _usable(args: argparse.Namespace, target: Target, scenarios: list[Scenario])
     Named explicitly and not installable, it is an error; picked by ``--server all`` it is
     left out with a note.
     """
-    missing = missing_async_driver(target.url) if any(s.asgi for s in scenarios) else None
+    asgi_wanted = any(s.asgi for s in scenarios)
+    missing = missing_async_driver(target.url, args.async_driver) if asgi_wanted else None
     if not missing:
         return scenarios
     asgi = [s.name for s in scenarios if s.asgi]

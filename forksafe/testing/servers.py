@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from forksafe.testing import checks
+from forksafe.testing._async_drivers import ENV_ASYNC_DRIVER
 
 __all__ = [
     "DEFAULT_SCENARIOS",
@@ -100,6 +101,7 @@ class ServerSettings:
     port: int = 0
     db_timeout: int = 3
     startup_timeout: float = 60.0
+    async_driver: str = ""  # the ASGI scenario's asyncio driver ("": the backend's default)
 
     def environment(self) -> dict[str, str]:
         """The app's environment (see `forksafe.testing.app`)."""
@@ -109,6 +111,7 @@ class ServerSettings:
             checks.ENV_PROTECT: "1" if self.protect else "0",
             checks.ENV_DB_TIMEOUT: str(self.db_timeout),
             "PYTHONUNBUFFERED": "1",
+            ENV_ASYNC_DRIVER: self.async_driver,
         }
 
 
