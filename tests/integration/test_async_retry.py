@@ -1,15 +1,16 @@
-"""forksafe.retry_on_disconnect and retrying on coroutines, against a real PostgreSQL.
+"""forksafe.retry_on_disconnect and retrying on coroutines, against real servers.
 
-The session doing the work is ended from the server side (``pg_terminate_backend``) in the
-middle of the first attempt: the decorated ``async def`` runs again on a new connection and
-returns; the same coroutine undecorated fails. Before coroutines were supported the
-decorator returned the coroutine unawaited, so the failure reached the caller unretried.
+The session doing the work is ended from the server side in the middle of the first
+attempt (``pg_terminate_backend`` on the private PostgreSQL, ``KILL CONNECTION`` on the
+private MariaDB): the decorated ``async def`` runs again on a new connection and returns;
+the same coroutine undecorated fails. Before coroutines were supported the decorator
+returned the coroutine unawaited, so the failure reached the caller unretried. Every
+asyncio driver SQLAlchemy has for the two servers: psycopg 3, asyncpg, aiomysql, asyncmy.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 from sqlalchemy import exc, text
@@ -17,78 +18,107 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import forksafe
 
-pytestmark = [pytest.mark.postgres]
+DRIVERS = [
+    pytest.param("psycopg_async", marks=pytest.mark.postgres),
+    pytest.param("asyncpg", marks=pytest.mark.postgres),
+    pytest.param("aiomysql", marks=pytest.mark.mariadb),
+    pytest.param("asyncmy", marks=pytest.mark.mariadb),
+]
 
 
-def _terminate(postgres: Any, backend_pid: int) -> None:
-    rows = postgres.execute(
-        f"SELECT pg_terminate_backend({int(backend_pid)})", database="postgres"
-    )
-    assert rows == [(True,)], f"backend {backend_pid} was not terminated: {rows}"
+class Target:
+    """One private server, seen through one asyncio driver."""
+
+    def __init__(self, request: pytest.FixtureRequest, driver: str) -> None:
+        self.postgres = driver in ("psycopg_async", "asyncpg")
+        self.server = request.getfixturevalue("postgres" if self.postgres else "mariadb")
+        self.url = self.server.url(driver)
+        self.session_sql = "SELECT pg_backend_pid()" if self.postgres else "SELECT CONNECTION_ID()"
+
+    def end_session(self, session: int) -> None:
+        """End the session from the server side, on another connection."""
+        if self.postgres:
+            rows = self.server.execute(f"SELECT pg_terminate_backend({int(session)})",
+                                       database="postgres")
+            assert rows == [(True,)], f"session {session} was not terminated: {rows}"
+        else:
+            self.server.execute(f"KILL CONNECTION {int(session)}")
+
+    def session_alive(self, session: int) -> bool:
+        if self.postgres:
+            return bool(self.server.session_alive(session))
+        rows = self.server.execute(
+            f"SELECT 1 FROM information_schema.PROCESSLIST WHERE ID = {int(session)}")
+        return bool(rows)
 
 
-async def _work(engine: AsyncEngine, postgres: Any, backends: list[int]) -> int:
-    """Read the backend pid; the first time, have the server end that session, then query."""
+@pytest.fixture(params=DRIVERS)
+def target(request: pytest.FixtureRequest) -> Target:
+    return Target(request, request.param)
+
+
+async def _work(engine: AsyncEngine, target: Target, sessions: list[int]) -> int:
+    """Read the session id; the first time, have the server end that session; then query."""
     async with engine.connect() as conn:
-        pid = int((await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one())
-        backends.append(pid)
-        if len(backends) == 1:
-            # another connection ends this one (the sync client blocks the loop briefly)
-            _terminate(postgres, pid)
+        session = int((await conn.execute(text(target.session_sql))).scalar_one())
+        sessions.append(session)
+        if len(sessions) == 1:
+            target.end_session(session)  # the sync client blocks the loop briefly
         return int((await conn.execute(text("SELECT 41 + 1"))).scalar_one())
 
 
-def test_decorated_coroutine_survives_a_terminated_session(postgres: Any) -> None:
-    """``@retry_on_disconnect`` on an ``async def``: the terminated session's error is
-    retried on a new session and the result comes back; undecorated, the error reaches
-    the caller."""
+def test_decorated_coroutine_survives_an_ended_session(target: Target) -> None:
+    """``@retry_on_disconnect`` on an ``async def``: the ended session's error is retried
+    on a new session and the result comes back; undecorated, the error reaches the caller."""
 
     async def main() -> tuple[list[int], list[int], BaseException | None]:
-        engine = forksafe.track(create_async_engine(postgres.url("psycopg_async")))
-        plain_backends: list[int] = []
-        retried_backends: list[int] = []
+        engine = forksafe.track(create_async_engine(target.url))
+        plain_sessions: list[int] = []
+        retried_sessions: list[int] = []
         failure: BaseException | None = None
         try:
             try:
-                await _work(engine, postgres, plain_backends)
-            except exc.OperationalError as err:
+                await _work(engine, target, plain_sessions)
+            except exc.DBAPIError as err:
                 failure = err
 
             @forksafe.retry_on_disconnect(attempts=3, backoff=0.01)
             async def read() -> int:
-                return await _work(engine, postgres, retried_backends)
+                return await _work(engine, target, retried_sessions)
 
             assert await read() == 42
         finally:
             forksafe.untrack(engine)
             await engine.dispose()
-        return plain_backends, retried_backends, failure
+        return plain_sessions, retried_sessions, failure
 
     plain, retried, failure = asyncio.run(main())
-    assert failure is not None, "the control: a terminated session fails the plain coroutine"
-    assert forksafe.errors.classify(failure) is not None
+    assert failure is not None, "the control: an ended session fails the plain coroutine"
+    kind = forksafe.errors.classify(failure)
+    assert kind is not None, failure
+    assert kind.disconnect, kind
     assert len(plain) == 1
     assert len(retried) == 2, retried
     assert retried[0] != retried[1], "the retry ran on a new session"
-    assert not postgres.session_alive(retried[0])
+    assert not target.session_alive(retried[0])
 
 
-def test_async_for_retrying_survives_a_terminated_session(postgres: Any) -> None:
+def test_async_for_retrying_survives_an_ended_session(target: Target) -> None:
     """The block form, ``async for attempt in forksafe.retrying(...)``, does the same."""
 
     async def main() -> tuple[int, list[int]]:
-        engine = create_async_engine(postgres.url("psycopg_async"))
-        backends: list[int] = []
+        engine = create_async_engine(target.url)
+        sessions: list[int] = []
         result = -1
         try:
             async for attempt in forksafe.retrying(attempts=3, backoff=0.01):
                 with attempt:
-                    result = await _work(engine, postgres, backends)
+                    result = await _work(engine, target, sessions)
         finally:
             await engine.dispose()
-        return result, backends
+        return result, sessions
 
-    result, backends = asyncio.run(main())
+    result, sessions = asyncio.run(main())
     assert result == 42
-    assert len(backends) == 2, backends
-    assert backends[0] != backends[1], backends
+    assert len(sessions) == 2, sessions
+    assert sessions[0] != sessions[1], sessions
