@@ -91,21 +91,27 @@ class ErrorClass:
 
     def fix_here(self) -> str:
         """The fix for this process: `django_fix` when Django is in use, else `fix`."""
-        if self.django_fix and _django_in_use():
-            if "forksafe.django" in sys.modules:
+        installed = _forksafe_django_installed()
+        if self.django_fix and installed is not None:
+            if installed:
                 return self.django_fix
-            return ("add 'forksafe.django' to INSTALLED_APPS, then: " + self.django_fix)
+            return "add 'forksafe.django' to INSTALLED_APPS, then: " + self.django_fix
         return self.fix
 
 
-def _django_in_use() -> bool:
-    """Whether this process runs a Django project (settings configured)."""
-    if "django.conf" not in sys.modules:
-        return False
+def _forksafe_django_installed() -> bool | None:
+    """None outside a Django project (settings not configured); else whether
+    'forksafe.django' is in INSTALLED_APPS."""
+    conf = sys.modules.get("django.conf")
+    if conf is None:
+        return None
     try:
-        return bool(sys.modules["django.conf"].settings.configured)
+        if not conf.settings.configured:
+            return None
+        apps = [str(app) for app in conf.settings.INSTALLED_APPS]
     except Exception:  # a half-imported or broken Django: give the generic advice
-        return False
+        return None
+    return any(app == "forksafe.django" or app.startswith("forksafe.django.") for app in apps)
 
 
 _IDLE = (

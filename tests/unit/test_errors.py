@@ -333,23 +333,27 @@ def test_django_projects_get_django_advice() -> None:
     import sys
 
     code = (
-        "import django\n"
+        "import sys\n"
         "from django.conf import settings\n"
-        "settings.configure(INSTALLED_APPS=[])\n"
+        "settings.configure(INSTALLED_APPS=sys.argv[1:])\n"
         "import MySQLdb\n"
         "from forksafe import errors\n"
         "print(errors.explain(MySQLdb.OperationalError(2006, 'gone away')))\n"
-        "import forksafe.django\n"
         "print(errors.explain(MySQLdb.OperationalError(2014, 'out of sync')))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=120).stdout.splitlines()
+
+    def run(*apps: str) -> list[str]:
+        return subprocess.run([sys.executable, "-c", code, *apps], capture_output=True,
+                              text=True, check=True, timeout=120).stdout.splitlines()
+
+    out = [run()[0], run("forksafe.django")[1]]
     assert len(out) == 2, out
     assert "forksafe.track" not in out[0], out
     assert "forksafe.track" not in out[1], out
     assert "add 'forksafe.django' to INSTALLED_APPS" in out[0]
     assert "unit_of_work" in out[0]
     assert "INSTALLED_APPS every worker opens its own" in out[1]
+    assert "add 'forksafe.django'" not in out[1]
     plain = errors.explain(MySQLdb.OperationalError(2006, "gone away"))
     assert plain is not None
     assert "forksafe.track(engine)" in plain
