@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.servers, pytest.mark.slow, pytest.mark.timeout(300)]
 
 REQUESTS = 400
 UNPROTECTED_TRIES = 3
-PROTECTED_ROUNDS = 3
+PROTECTED_ROUNDS = 2
 _numbers = itertools.count(1, 10_000)
 
 

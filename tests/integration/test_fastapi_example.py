@@ -32,7 +32,8 @@ pytestmark = [pytest.mark.postgres, pytest.mark.servers, pytest.mark.timeout(180
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fastapi_app"
 ASYNCIO_TROUBLE = ("Event loop is closed", "attached to a different loop", "Traceback",
-                   "different event loop", "was never awaited")
+                   "different event loop", "was never awaited", "another operation is in "
+                   "progress", "ResourceWarning", "unclosed")
 
 
 @contextlib.contextmanager
@@ -129,10 +130,13 @@ def _orders_stored(postgres: Any, tokens: list[str]) -> int:
     return len(stored & set(tokens))
 
 
-def test_fastapi_example_under_uvicorn_workers(postgres: Any, tmp_path: Path) -> None:
-    """Every page, product and order right; orders idempotent; a clean server log."""
+@pytest.mark.parametrize("driver", ["psycopg_async", "asyncpg"])
+def test_fastapi_example_under_uvicorn_workers(postgres: Any, tmp_path: Path,
+                                               driver: str) -> None:
+    """Every page, product and order right; orders idempotent; a clean server log (with
+    psycopg 3's asyncio driver, the example's default, and with asyncpg)."""
     postgres.execute("DROP TABLE IF EXISTS example_orders, example_products")
-    url = postgres.url("psycopg_async")
+    url = postgres.url(driver)
     tokens: list[str] = []
     log_path = tmp_path / "gunicorn.log"
     with serve(url, log_path) as base:
