@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
-__all__ = ["answer_pid", "warm_up", "with_pid"]
+__all__ = ["answer_pid", "with_pid"]
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -42,31 +42,3 @@ def with_pid(app: WSGIApp) -> WSGIApp:
         return app(environ, start)
 
     return application
-
-
-def warm_up(app: WSGIApp, paths: Iterable[str]) -> None:
-    """Send a GET for each path through ``app`` in this process (BENCH_WARMUP=1).
-
-    Preloaded, this runs in the master before the fork: the first request's lazy imports,
-    route and template compilation and SQLAlchemy's compiled statements end up in memory
-    the workers share instead of being built again in each of them.
-    """
-    import io
-    import sys
-
-    for path in paths:
-        route, _, query = path.partition("?")
-        environ = {
-            "REQUEST_METHOD": "GET", "PATH_INFO": route, "QUERY_STRING": query,
-            "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
-            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(),
-            "wsgi.errors": sys.stderr, "wsgi.multithread": False,
-            "wsgi.multiprocess": True, "wsgi.run_once": False,
-        }  # fmt: skip
-        body = app(environ, lambda status, headers, *exc: None)
-        try:
-            b"".join(body)
-        finally:
-            close = getattr(body, "close", None)
-            if close is not None:
-                close()

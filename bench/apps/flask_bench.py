@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from _pid import warm_up, with_pid
+from _pid import with_pid
 from app import app as example  # examples/flask_app/app.py (the server's chdir)
 
 __all__ = ["application"]
@@ -21,4 +21,6 @@ __all__ = ["application"]
 application = with_pid(example)
 
 if os.environ.get("BENCH_WARMUP") == "1":
+    from forksafe.preload import warm_up
+
     warm_up(application, ["/products/1.json", "/products/2.json", "/products?page=1"])

@@ -42,7 +42,7 @@ import pyramid.config
 import pyramid.view  # noqa: F401
 import sqlalchemy.ext.asyncio
 import sqlalchemy.orm
-from _pid import warm_up, with_pid
+from _pid import with_pid
 from sqlalchemy import ForeignKey, Integer, Numeric, String, create_engine, func, select, text
 
 import forksafe
@@ -156,4 +156,6 @@ def _app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterabl
 application = with_pid(_app)
 
 if os.environ.get("BENCH_WARMUP") == "1":
+    from forksafe.preload import warm_up
+
     warm_up(application, ["/items/1", "/items/2", "/"])
