@@ -46,7 +46,8 @@ Liveness at checkout, per pooled connection (``track(engine, idle_check=..., rec
 
 Private SQLAlchemy API this relies on (pinned by tests/integration/test_pool_internals.py,
 run on SQLAlchemy 1.4 and 2.x): ``Pool.connect``, ``Pool._do_get``, ``Pool.recreate``,
-``Pool._do_return_conn``, ``Pool._invalidate_time``, ``_ConnectionRecord.info`` (cleared
+``Pool._do_return_conn``, ``Pool._invalidate_time``, ``_ConnectionRecord.starttime``,
+``_ConnectionRecord.info`` (cleared
 when a record reconnects), ``_ConnectionRecord.invalidate``/``_checkin_failed``,
 ``_ConnectionRecord.dbapi_connection`` (``connection`` on 1.4), ``StaticPool``'s memoized
 ``connection``.
@@ -450,6 +451,8 @@ class EngineAdapter:
         conn = _record_connection(record)
         if conn is None:
             return  # invalidated earlier: SQLAlchemy reconnects it now
+        if getattr(pool, "_invalidate_time", 0) > getattr(record, "starttime", math.inf):
+            return  # older than a pool-wide invalidation: SQLAlchemy replaces it unpinged
         if state is None or state.conn_id != id(conn):
             state = self._new_state(record, conn)
             state.last = now

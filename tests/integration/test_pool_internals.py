@@ -263,6 +263,8 @@ def test_hot_checkout_touches_nothing_but_the_record(engine: Any) -> None:
     fairy = engine.raw_connection()
     assert fairy._connection_record.info[adapter_module._STATE_KEY] is state
     assert state.last > before
+    assert isinstance(fairy._connection_record.starttime, float)  # compared with
+    assert isinstance(engine.pool._invalidate_time, (int, float))  # pool invalidations
     fairy.close()
 
 

@@ -381,3 +381,86 @@ def test_auto_recycle_learns_the_limit_the_application_sets_on_connect(
                r.getMessage()]
     assert learned, "forksafe logs the idle limit it learned"
     assert all("idle 7s" in m for m in learned), learned
+
+
+class FreezingProxy:
+    """Forwards TCP to the server; `freeze` silences every connection open at that moment
+    (bytes are swallowed both ways, sockets stay open: a network cut nothing announces),
+    while connections made afterwards pass."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self.target = ("127.0.0.1", port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.generation = 0
+        self.sockets: list[Any] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def freeze(self) -> None:
+        self.generation += 1
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            born = self.generation
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst, born), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any, born: int) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            if self.generation == born:
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    return
+
+
+def test_silent_failure_is_caught_by_the_idle_ping_and_drops_older_connections(
+    server: Any,
+) -> None:
+    """A cut that sends nothing (the socket check cannot see it): a connection idle past
+    idle_check is pinged, the ping fails, the request gets a new connection, and the older
+    pooled connections are dropped with it, unpinged. A plain engine fails."""
+    proxy = FreezingProxy(server.port)
+    url = f"mysql+mysqldb://root@127.0.0.1:{proxy.port}/forksafe"
+    timeouts = {"connect_args": {"read_timeout": 2, "write_timeout": 2}}
+    tracked = forksafe.track(create_engine(url, pool_size=3, **timeouts), idle_check=0.5,
+                             recycle=None)
+    plain = create_engine(url, pool_size=3, **timeouts)
+    pings = count_pings(tracked)
+    try:
+        for engine in (tracked, plain):
+            open_pooled(engine, 3)
+        proxy.freeze()
+        time.sleep(0.6)  # idle past idle_check (a lower bound, not a synchronisation)
+        assert concurrent_requests(plain, 1) == 1, "without a ping the cut reaches the request"
+        held = [tracked.connect() for _ in range(3)]
+        assert [c.execute(text("SELECT 1")).scalar() for c in held] == [1, 1, 1]
+        for conn in held:
+            conn.close()
+    finally:
+        forksafe.untrack(tracked)
+        for engine in (tracked, plain):
+            engine.dispose()
+        proxy.close()
+    assert len(pings) == 1, "one failed ping dropped the older connections at once"
