@@ -6,8 +6,10 @@ talks to the same server thread over the same socket: the luck of one connection
 placement, which moves a loopback cycle by 20% between connections, cancels out. Batches of
 ``--cycles`` cycles run in ABBA order (A, B, B, A) and each group of four gives one ratio
 ``(B1 + B2) / (A1 + A2)``; the table shows the median of ``--pairs`` such ratios with its
-interquartile range. An A/A row (plain against a second plain engine) is the noise floor
-printed beside it: a difference smaller than the A/A spread is not a difference. All
+interquartile range, by the wall clock and by this process's CPU time (the client's own
+work, which is where forksafe's cost is; it is far less disturbed by other processes on a
+shared machine than the wall clock). An A/A row (plain against a second plain engine) is
+the noise floor printed beside it: a difference smaller than the A/A spread is not one. All
 comparisons are interleaved pair by pair, so drift hits them alike::
 
     python bench/bench_checkout.py            # starts a private MariaDB
@@ -61,21 +63,24 @@ from _common import database, environment_note, print_table
 SELECT_1 = text("SELECT 1")
 
 
-def batch_query(engine: Any, n: int) -> float:
-    """Seconds for n checkout + SELECT 1 + return cycles."""
-    start = time.perf_counter()
+Timing = tuple[float, float]  # (wall seconds, this process's CPU seconds)
+
+
+def batch_query(engine: Any, n: int) -> Timing:
+    """Wall and CPU seconds for n checkout + SELECT 1 + return cycles."""
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
         with engine.connect() as conn:
             conn.execute(SELECT_1).scalar()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def batch_bare(engine: Any, n: int) -> float:
-    """Seconds for n raw checkouts + returns (the engines have no reset on return)."""
-    start = time.perf_counter()
+def batch_bare(engine: Any, n: int) -> Timing:
+    """Wall and CPU seconds for n raw checkouts + returns (no reset on return)."""
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
         engine.raw_connection().close()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -104,7 +109,7 @@ def paired_engines(url: str, shared: Any, **options: Any) -> dict[str, Any]:
 POLL_1MS = "forksafe, poll after 1 ms"
 
 
-def timed(name: str, fn: Callable[[Any, int], float], engine: Any, n: int) -> float:
+def timed(name: str, fn: Callable[[Any, int], Timing], engine: Any, n: int) -> Timing:
     if name != POLL_1MS:
         return fn(engine, n)
     adapter_module.POLL_AFTER = 0.001
@@ -112,6 +117,29 @@ def timed(name: str, fn: Callable[[Any, int], float], engine: Any, n: int) -> fl
         return fn(engine, n)
     finally:
         adapter_module.POLL_AFTER = 0.0
+
+
+def print_ratios(kind: str, names: list[str], pairs: int, cycles: int, *,
+                 ratios: dict[str, tuple[list[float], list[float]]],
+                 seconds: dict[str, tuple[list[float], list[float]]]) -> None:
+    """One table per clock: µs per cycle, and the median ratio to plain with its IQR."""
+    for clock, label in ((0, "wall clock"), (1, "CPU time of this process")):
+        plain_us = statistics.median(seconds["plain"][clock]) * 1e6
+        floor = quartiles(ratios["plain (A/A)"][clock])
+        rows = [["plain", f"{plain_us:.1f}", "1.000", "-", "-"]]
+        for name in names:
+            if name == "plain":
+                continue
+            q1, q2, q3 = quartiles(ratios[name][clock])
+            us = statistics.median(seconds[name][clock]) * 1e6
+            rows.append([name, f"{us:.1f}", f"{q2:.4f}", f"{q1:.4f}", f"{q3:.4f}"])
+        print_table(
+            f"{kind}, {label}: median of {pairs} ABBA ratios, {cycles} cycles per batch, "
+            f"one shared connection (A/A floor {floor[1]:.4f}, IQR "
+            f"{floor[0]:.4f}-{floor[2]:.4f})",
+            ["engine", "µs/cycle", "vs plain", "q1", "q3"],
+            rows,
+        )
 
 
 def run_paired(url: str, pairs: int, cycles: int) -> None:
@@ -125,7 +153,7 @@ def run_paired(url: str, pairs: int, cycles: int) -> None:
                                user=u.username or "root", password=u.password or "",
                                database=u.database or "")
 
-    kinds: list[tuple[str, Callable[[Any, int], float], dict[str, Any]]] = [
+    kinds: list[tuple[str, Callable[[Any, int], Timing], dict[str, Any]]] = [
         ("checkout + SELECT 1", batch_query, paired_engines(url, connect())),
         ("bare pool cycle (no reset on return)", batch_bare,
          paired_engines(url, connect(), pool_reset_on_return=None)),
@@ -133,8 +161,9 @@ def run_paired(url: str, pairs: int, cycles: int) -> None:
     for _, fn, group in kinds:  # first connect, dialect initialisation, first-use costs
         for engine in group.values():
             fn(engine, 20)
-    ratios: dict[str, dict[str, list[float]]] = {k: {} for k, _, _ in kinds}
-    seconds: dict[str, dict[str, list[float]]] = {k: {} for k, _, _ in kinds}
+    # [kind][engine][clock] -> per-pair ratios / per-cycle seconds; clock 0 wall, 1 CPU
+    ratios: dict[str, dict[str, tuple[list[float], list[float]]]] = {k: {} for k, _, _ in kinds}
+    seconds: dict[str, dict[str, tuple[list[float], list[float]]]] = {k: {} for k, _, _ in kinds}
     for _ in range(pairs):
         for kind, fn, group in kinds:
             base = group["plain"]
@@ -145,25 +174,16 @@ def run_paired(url: str, pairs: int, cycles: int) -> None:
                 b1 = timed(name, fn, engine, cycles)
                 b2 = timed(name, fn, engine, cycles)
                 a2 = fn(base, cycles)
-                ratios[kind].setdefault(name, []).append((b1 + b2) / (a1 + a2))
-                seconds[kind].setdefault(name, []).append((b1 + b2) / 2)
-                seconds[kind].setdefault("plain", []).append((a1 + a2) / 2)
+                r = ratios[kind].setdefault(name, ([], []))
+                t = seconds[kind].setdefault(name, ([], []))
+                p = seconds[kind].setdefault("plain", ([], []))
+                for clock in (0, 1):
+                    r[clock].append((b1[clock] + b2[clock]) / max(a1[clock] + a2[clock], 1e-9))
+                    t[clock].append((b1[clock] + b2[clock]) / 2 / cycles)
+                    p[clock].append((a1[clock] + a2[clock]) / 2 / cycles)
     for kind, _, group in kinds:
-        plain_us = statistics.median(seconds[kind]["plain"]) / cycles * 1e6
-        floor = quartiles(ratios[kind]["plain (A/A)"])
-        rows = [["plain", f"{plain_us:.1f}", "1.000", "-", "-"]]
-        for name in group:
-            if name == "plain":
-                continue
-            q1, q2, q3 = quartiles(ratios[kind][name])
-            us = statistics.median(seconds[kind][name]) / cycles * 1e6
-            rows.append([name, f"{us:.1f}", f"{q2:.4f}", f"{q1:.4f}", f"{q3:.4f}"])
-        print_table(
-            f"{kind}: median of {pairs} ABBA ratios, {cycles} cycles per batch, one shared "
-            f"connection (A/A floor {floor[1]:.4f}, IQR {floor[0]:.4f}-{floor[2]:.4f})",
-            ["engine", "µs/cycle", "vs plain", "q1", "q3"],
-            rows,
-        )
+        print_ratios(kind, list(group), pairs, cycles, ratios=ratios[kind],
+                     seconds=seconds[kind])
     for _, _, group in kinds:
         for name, engine in group.items():
             if name.startswith("forksafe"):
@@ -203,30 +223,35 @@ def reset_time(url: str, engines: int, children: int = 5) -> None:
     for engine in tracked:
         with engine.connect() as conn:
             conn.execute(SELECT_1)
-    times = []
+    times: list[float] = []
+    cpu_times: list[float] = []
     for _ in range(children):
         read, write = os.pipe()
         pid = int(libc.fork())  # no Python hook runs: the reset below is the whole reset
         if pid == 0:  # pragma: no cover - child
             try:
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), time.process_time()
                 forksafe.after_fork()
-                os.write(write, struct.pack("d", time.perf_counter() - started))
+                os.write(write, struct.pack("dd", time.perf_counter() - started,
+                                            time.process_time() - cpu))
             finally:
                 os._exit(0)
         os.close(write)
         os.waitpid(pid, 0)
-        data = os.read(read, 8)
+        data = os.read(read, 16)
         os.close(read)
-        times.append(struct.unpack("d", data)[0] * 1000)
+        wall, cpu_s = struct.unpack("dd", data)
+        times.append(wall * 1000)
+        cpu_times.append(cpu_s * 1000)
     for engine in tracked:
         forksafe.untrack(engine)
         engine.dispose()
     print_table(
         f"reset in a child (fork no hook saw), {engines} tracked engines with a pooled "
         f"connection each: {children} children",
-        ["figure", "ms"],
-        [["median", f"{statistics.median(times):.2f}"], ["max", f"{max(times):.2f}"]],
+        ["figure", "wall ms", "CPU ms"],
+        [["median", f"{statistics.median(times):.2f}", f"{statistics.median(cpu_times):.2f}"],
+         ["max", f"{max(times):.2f}", f"{max(cpu_times):.2f}"]],
     )
 
 
