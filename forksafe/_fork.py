@@ -198,7 +198,7 @@ def neutralise(conn: object, entry: ConnectionEntry | None = None) -> bool:
     try:
         if driver is None:
             _ORPHANS.append(raw)
-            logger.warning("forksafe: pid %d inherited a %s connection of no known driver: "
+            logger.warning("pid %d inherited a %s connection of no known driver: "
                            "kept alive, never closed", pid, name)
             return False
         try:
@@ -217,7 +217,7 @@ def neutralise(conn: object, entry: ConnectionEntry | None = None) -> bool:
             actual = _sockets.socket_identity(fd)
             if actual != expected:
                 logger.warning(
-                    "forksafe: pid %d left descriptor %d alone: the inherited %s connection "
+                    "pid %d left descriptor %d alone: the inherited %s connection "
                     "reports it as its socket, but it is now %s (the connection's own "
                     "socket was closed and the number reused)",
                     pid, fd, name, "closed" if actual is None else "another socket",

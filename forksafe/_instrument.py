@@ -179,7 +179,7 @@ def instrument(*, track: bool = True) -> None:
             changed = _STATE.track != track
             _STATE.track = track
             logger.warning(
-                "forksafe: instrument() is already on%s",
+                "instrument() is already on%s",
                 f"; from now on it {'tracks' if track else 'only records'} new connections"
                 if changed else "; nothing to do",
             )
@@ -209,7 +209,7 @@ def uninstrument() -> None:
         while _UNDO:
             why_not = _UNDO.pop()()
             if why_not is not None:
-                logger.warning("forksafe: uninstrument(): %s", why_not)
+                logger.warning("uninstrument(): %s", why_not)
         _STATE.patched.clear()
 
 
@@ -343,7 +343,7 @@ def _on_new_engine(engine: Any) -> None:
             _STATE.unsupported.add(name)
         if first:
             logger.info(
-                "forksafe: engines of %s are not protected across fork: forksafe supports "
+                "engines of %s are not protected across fork: forksafe supports "
                 "%s (logged once per dialect)",
                 name, ", ".join(sorted(dialect_drivers())),
             )

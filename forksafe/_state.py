@@ -83,7 +83,7 @@ def report_internal_error(exc: BaseException, what: str = "") -> None:
     """Log an error that must not reach the host server, and remember it for tests."""
     _INTERNAL_ERRORS.append(exc)
     if what:
-        logger.error("forksafe: %s failed in pid %d: %r", what, os.getpid(), exc, exc_info=exc)
+        logger.error("%s failed in pid %d: %r", what, os.getpid(), exc, exc_info=exc)
     else:
         logger.error("%s", exc)
 

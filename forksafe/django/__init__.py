@@ -122,7 +122,7 @@ def track_inherited_in_child() -> None:
 
 def _warn_forked_in_atomic(wrapper: Any) -> None:
     logger.warning(
-        "forksafe: process %d was forked inside transaction.atomic() on database alias %r. "
+        "process %d was forked inside transaction.atomic() on database alias %r. "
         "The transaction stays the parent's; this process gets a new connection outside "
         "any atomic block, so what it writes commits on its own and is kept even if the "
         "parent's block rolls back. Fork outside atomic(), or give the child only work "

@@ -410,3 +410,31 @@ def test_the_readme_says_explain_returns_the_line() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert "explain(exc)` prints" not in readme
     assert "`forksafe.errors.explain(exc)` *returns*" in readme
+
+
+def test_no_log_line_repeats_the_loggers_name() -> None:
+    """Records of the ``forksafe`` logger never start with 'forksafe:' (a default handler
+    already prints 'WARNING:forksafe:', so the line would read 'WARNING:forksafe:forksafe:')."""
+    import ast
+    from pathlib import Path
+
+    package = Path(errors.__file__).parent
+    offenders = []
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "logger"
+                    and node.func.attr in ("info", "warning", "error", "critical", "exception",
+                                           "log") and node.args):
+                continue
+            first = node.args[1] if node.func.attr == "log" and len(node.args) > 1 else \
+                node.args[0]
+            text = ""
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                text = first.value
+            elif isinstance(first, ast.JoinedStr) and first.values and isinstance(
+                    first.values[0], ast.Constant):
+                text = str(first.values[0].value)
+            if text.startswith("forksafe:"):
+                offenders.append(f"{path.name}:{node.lineno}: {text[:40]!r}")
+    assert offenders == [], offenders
