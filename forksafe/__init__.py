@@ -148,9 +148,16 @@ def track(
             f"forksafe.track() cannot protect a {type(obj).__module__}.{type(obj).__qualname__}; "
             f"it supports {_SUPPORTED.format(drivers=supported_names())}."
         )
-    REGISTRY.add_connection(
-        conn, ConnectionEntry(driver=driver, pid=os.getpid(), origin="track()")
-    )
+    try:
+        REGISTRY.add_connection(
+            conn, ConnectionEntry(driver=driver, pid=os.getpid(), origin="track()")
+        )
+    except TypeError as err:  # sqlite3.Connection: no weak reference possible
+        raise UnsupportedObjectError(
+            f"forksafe.track() cannot hold a raw {driver.name} connection weakly ({err}); "
+            "track the engine instead (forksafe.track(create_engine('sqlite:///app.db'))), "
+            "or open the connection after the fork."
+        ) from err
     return obj
 
 

@@ -27,6 +27,7 @@ Invariants:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from collections.abc import Callable
@@ -81,6 +82,15 @@ _CHILD_CALLBACKS: dict[Phase, list[Callable[[], object]]] = {BEFORE_RESET: [], A
 # Inherited objects the child could not neutralise: kept alive for ever, so that at least no
 # destructor of theirs runs (mysqlclient's sends COM_QUIT).
 _ORPHANS: list[Any] = []
+# ... for ever: not even the interpreter's exit frees the list (module teardown would, and
+# run those destructors), so it gets one reference nothing ever drops.
+ctypes.pythonapi.Py_IncRef(ctypes.py_object(_ORPHANS))
+
+
+def park(obj: object) -> None:
+    """Keep ``obj`` alive, untouched, for the rest of this process's life (exit included):
+    what a child does with a SQLite connection it inherited (`Driver.park`)."""
+    _ORPHANS.append(obj)
 
 
 def register_child_callback(fn: Callable[[], object], *, phase: Phase = AFTER_RESET) -> None:
@@ -196,10 +206,12 @@ def neutralise(conn: object, entry: ConnectionEntry | None = None) -> bool:
     name = driver.name if driver is not None else type(raw).__qualname__
     pid = os.getpid()
     try:
-        if driver is None:
-            _ORPHANS.append(raw)
-            logger.warning("pid %d inherited a %s connection of no known driver: "
-                           "kept alive, never closed", pid, name)
+        if driver is None or driver.park:
+            # no known driver, or no socket (SQLite): never closed, never finalised here
+            park(raw)
+            if driver is None:
+                logger.warning("pid %d inherited a %s connection of no known driver: "
+                               "kept alive, never closed", pid, name)
             return False
         try:
             fd = driver.socket_fd(raw)

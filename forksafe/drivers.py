@@ -67,6 +67,10 @@ class Driver:
         constructors: what `forksafe.instrument` wraps to see every new connection, as
             ``"module:qualname"``: a class's ``__init__`` (``"MySQLdb.connections:
             Connection.__init__"``) or a module-level function (``"psycopg2:connect"``).
+        park: the driver has no socket (SQLite). An inherited connection is *parked*
+            instead: kept referenced for the rest of the child's life, so that no
+            destructor ever closes it (closing rolls back and deletes the parent's
+            journal); an engine's old pool is parked whole. ``socket_fd`` is not used.
     """
 
     name: str
@@ -75,6 +79,7 @@ class Driver:
     socket_fd: Callable[[Any], int | None]
     dialects: tuple[str, ...] = ()
     constructors: tuple[str, ...] = ()
+    park: bool = False
 
     def matches(self, conn: object) -> bool:
         """Return True if ``conn`` is a connection of this driver (without importing it)."""
@@ -241,6 +246,10 @@ def _mariadb_fd(conn: Any) -> int | None:
     return fd
 
 
+def _no_socket(conn: Any) -> int | None:
+    return None
+
+
 def _pg8000_fd(conn: Any) -> int | None:
     # pg8000's close() sends Terminate, closes both and sets ``_sock`` (the buffered file
     # over the socket) to None; ``_usock`` is the socket itself.
@@ -337,6 +346,27 @@ DRIVERS: tuple[Driver, ...] = (
         _pg8000_fd,
         dialects=("pg8000",),
         constructors=("pg8000.core:CoreConnection.__init__",),
+    ),
+    # SQLite has no socket: what a child must not do is close (or use) the parent's
+    # connection to the same file. sqlite3.Connection cannot be referenced weakly, so only
+    # engines protect it (their old pool is parked); its C class and C connect() are left
+    # to Engine's instrumentation.
+    Driver(
+        "sqlite3",
+        "sqlite3",
+        ("sqlite3.Connection",),
+        _no_socket,
+        dialects=("pysqlite",),
+        park=True,
+    ),
+    Driver(
+        "aiosqlite",
+        "aiosqlite",
+        ("aiosqlite.core.Connection",),
+        _no_socket,
+        dialects=("aiosqlite",),
+        constructors=("aiosqlite.core:Connection.__init__",),
+        park=True,
     ),
 )
 

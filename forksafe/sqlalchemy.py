@@ -68,7 +68,13 @@ from typing import Any
 from forksafe import _fork, errors
 from forksafe._idle_limit import DEFAULT_IDLE_CHECK, RETIRE_FRACTION, server_idle_limit
 from forksafe._registry import REGISTRY, ConnectionEntry
-from forksafe.drivers import dialect_drivers, find_driver, supported_names, unwrap
+from forksafe.drivers import (
+    dialect_drivers,
+    driver_for_dialect,
+    find_driver,
+    supported_names,
+    unwrap,
+)
 from forksafe.exceptions import UnsupportedObjectError
 
 try:
@@ -314,6 +320,11 @@ class EngineAdapter:
                 f"drivers {', '.join(sorted(dialect_drivers()))}); forksafe.register_driver() "
                 "adds another."
             )
+        found = driver_for_dialect(driver)
+        # SQLite: no socket to neutralise; the pool's records are remembered (weakly) so that
+        # a child can park their connections and keep its hands off them
+        self._park = found is not None and found.park
+        self._records: weakref.WeakSet[Any] = weakref.WeakSet()
         self._engine_ref = weakref.ref(engine)
         self._origin = describe(engine)
         self._listeners: list[tuple[str, Any]] = []
@@ -385,7 +396,9 @@ class EngineAdapter:
         driver = find_driver(conn)
         poller = None
         plain_mysql = False
-        if driver is not None:
+        if self._park:
+            self._records.add(record)
+        elif driver is not None:
             REGISTRY.add_connection(
                 conn,
                 ConnectionEntry(driver=driver, pid=_getpid(), origin=self._origin, owner=self),
@@ -520,5 +533,72 @@ class EngineAdapter:
     def reset_in_child(self) -> None:
         """Give the engine a fresh pool of the same configuration, closing nothing."""
         engine = self._engine()
-        if engine is not None:
-            engine.dispose(close=False)
+        if engine is None:
+            return
+        if self._park:
+            if _memory_database(engine):
+                return  # the child's own copy of the parent's memory: nothing is shared
+            inherited = [c for c in map(_record_connection, list(self._records)) if c is not None]
+            # never finalised by the child, not even at exit (closing rolls back the
+            # parent's transaction and deletes its journal)
+            _fork.park((engine.pool, inherited))
+            _guard_inherited(engine.dialect, inherited)
+        engine.dispose(close=False)
+
+
+class InheritedSQLiteConnectionError(RuntimeError):
+    """A child used a SQLite connection it inherited from its parent."""
+
+
+def _guard_inherited(dialect: Any, conns: list[Any]) -> None:
+    """In a child: the dialect never closes, rolls back or commits an inherited (parked)
+    SQLite connection, and refuses to execute on one, with a clear error.
+
+    A SQLAlchemy ``Connection`` held across the fork ends up there: returned to the old
+    pool, garbage collected or finalised at exit. Wraps the dialect instance's ``do_*``
+    methods, in the child only; connections the child opens are not affected.
+    """
+    ids = {id(c) for c in conns} | {id(unwrap(c)) for c in conns}
+    if not ids:
+        return
+
+    def inherited(conn: Any) -> bool:
+        return conn is not None and (id(conn) in ids or id(unwrap(conn)) in ids)
+
+    def skipping(original: Any) -> Any:
+        def do(dbapi_connection: Any, *args: Any, **kwargs: Any) -> Any:
+            if inherited(dbapi_connection):
+                return None
+            return original(dbapi_connection, *args, **kwargs)
+
+        return do
+
+    def refusing(original: Any) -> Any:
+        def do(cursor: Any, *args: Any, **kwargs: Any) -> Any:
+            context = kwargs.get("context", args[-1] if args else None)
+            conn = getattr(context, "_dbapi_connection", None) or getattr(
+                cursor, "connection", None
+            )
+            if inherited(conn):
+                raise InheritedSQLiteConnectionError(
+                    "forksafe: this SQLite connection was inherited from the parent process "
+                    f"(pid {os.getppid()}), which may hold its locks and journal; the child "
+                    "must not use it. Close the SQLAlchemy Connection held across the fork "
+                    "and open a new one from the engine."
+                )
+            return original(cursor, *args, **kwargs)
+
+        return do
+
+    for name in ("do_rollback", "do_commit", "do_close", "do_terminate"):
+        setattr(dialect, name, skipping(getattr(dialect, name)))
+    for name in ("do_execute", "do_executemany", "do_execute_no_params"):
+        setattr(dialect, name, refusing(getattr(dialect, name)))
+
+
+def _memory_database(engine: Engine) -> bool:
+    """A SQLite database in memory (``sqlite://``, ``:memory:``, ``mode=memory``)."""
+    database = engine.url.database
+    return database in (None, "", ":memory:") or "mode=memory" in str(database) or (
+        engine.url.query.get("mode") == "memory"
+    )
