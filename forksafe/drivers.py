@@ -390,10 +390,26 @@ def find_driver(conn: object) -> Driver | None:
     Drivers added with `register_driver` are asked first, so a registration can also
     replace what forksafe ships for a driver.
     """
+    cls = type(conn)
+    try:
+        return _BY_TYPE[cls]
+    except KeyError:
+        pass
+    found = None
     for driver in all_drivers():
         if driver.matches(conn):
-            return driver
-    return None
+            found = driver
+            break
+    # a type's answer cannot change while the registrations do not (an object of a driver's
+    # class exists only once that driver is loaded): the garbage-collector scan at fork
+    # asks for every object, so it costs one dict lookup per type seen before
+    if len(_BY_TYPE) < _BY_TYPE_MAX:
+        _BY_TYPE[cls] = found
+    return found
+
+
+_BY_TYPE: dict[type, Driver | None] = {}
+_BY_TYPE_MAX = 10_000
 
 
 def all_drivers() -> tuple[Driver, ...]:
@@ -487,6 +503,7 @@ def register_driver(
     )
     global _REGISTERED  # noqa: PLW0603 - one atomic rebinding
     _REGISTERED = (driver, *(d for d in _REGISTERED if d.name != name))
+    _BY_TYPE.clear()
     return driver
 
 
@@ -496,4 +513,5 @@ def unregister_driver(name: str) -> bool:
     kept = tuple(d for d in _REGISTERED if d.name != name)
     found = len(kept) != len(_REGISTERED)
     _REGISTERED = kept
+    _BY_TYPE.clear()
     return found

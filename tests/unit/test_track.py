@@ -10,6 +10,8 @@ import threading
 
 import pytest
 from sqlalchemy import create_engine, event
+from sqlalchemy.dialects import registry
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 
 import forksafe
 from forksafe import _sockets
@@ -67,18 +69,29 @@ def test_unsupported_objects_raise_type_error_naming_what_is_supported(obj: obje
         forksafe.track(obj)
 
 
+class UnknownDriverDialect(SQLiteDialect_pysqlite):
+    """A SQLAlchemy dialect whose driver forksafe does not know."""
+
+    driver = "unknowndriver"
+    supports_statement_cache = True
+
+
+registry.register("sqlite.unknowndriver", __name__, "UnknownDriverDialect")
+
+
 def test_engine_of_unsupported_driver_is_refused() -> None:
-    """An engine whose driver forksafe cannot neutralise (sqlite) is refused with the list."""
-    engine = create_engine("sqlite://")
-    with pytest.raises(forksafe.UnsupportedObjectError, match="sqlite") as info:
+    """An engine whose driver forksafe does not know is refused with the list."""
+    engine = create_engine("sqlite+unknowndriver://")
+    with pytest.raises(forksafe.UnsupportedObjectError, match="unknowndriver") as info:
         forksafe.track(engine)
     assert isinstance(info.value, TypeError)
     assert "mysqldb" in str(info.value)  # the supported dialect drivers are listed
+    assert "register_driver" in str(info.value)
 
 
 def test_error_messages_never_show_the_password() -> None:
     """The refusal names the engine by a URL with its password masked."""
-    engine = create_engine("sqlite:///tmp/x.db")
+    engine = create_engine("sqlite+unknowndriver:///tmp/x.db")
     engine.url = engine.url.set(password="hunter2", username="me")
     with pytest.raises(TypeError) as info:
         forksafe.track(engine)
