@@ -205,10 +205,20 @@ def _idle_finding(shown: str, name: str, secs: int, ctx: Context) -> list[Findin
             "requests", f"raise {name} on the server (e.g. 600, in its config file too); "
             "meanwhile tracked engines retire idle connections at 90% of it"))
     elif ctx.django:
-        out.append(Finding(
-            "warning" if secs < 600 else "info", "url", what,
-            f"keep CONN_MAX_AGE below {secs}; workers without HTTP (consumers, commands): "
-            "forksafe.django.unit_of_work() around each job"))
+        ages = [age for _vendor, age in ctx.django.values()]
+        below = all(isinstance(age, (int, float)) and age < secs for age in ages)
+        if below:
+            out.append(Finding(
+                "info", "url", what + f"; CONN_MAX_AGE ({', '.join(map(str, ages))}) is below "
+                "it, so HTTP workers replace their connections first",
+                "workers without HTTP (consumers, commands): forksafe.django.unit_of_work() "
+                "around each job"))
+        else:
+            out.append(Finding(
+                "warning" if secs < 600 else "info", "url", what,
+                f"keep CONN_MAX_AGE below {secs} (None keeps connections forever); workers "
+                "without HTTP (consumers, commands): forksafe.django.unit_of_work() around "
+                "each job"))
     elif engines and all(tracked for _, _, _, tracked in engines):
         out.append(Finding("info", "url", what + "; the tracked engine(s) found by --app "
                            "retire idle connections before it (recycle='auto')"))

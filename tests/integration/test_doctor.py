@@ -361,7 +361,8 @@ def test_django_project_budget_and_advice(mariadb: Any) -> None:
     assert "4 worker(s) x 4 connection(s) [Django aliases default, replica x 2 thread(s) per " \
         "worker] = 16 connections" in messages, out
     idle = next(f for f in findings if "wait_timeout =" in f["message"])
-    assert "CONN_MAX_AGE" in idle["fix"], out
+    assert "CONN_MAX_AGE (60, 60) is below it" in idle["message"], out
+    assert "unit_of_work" in idle["fix"], out
     assert "pool_recycle" not in idle["fix"], out
     assert "track" not in idle["fix"], out
     missing = [f for f in findings if "'forksafe.django' is not in INSTALLED_APPS" in f["message"]]
