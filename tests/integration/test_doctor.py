@@ -367,3 +367,25 @@ def test_django_project_budget_and_advice(mariadb: Any) -> None:
     assert "track" not in idle["fix"], out
     missing = [f for f in findings if "'forksafe.django' is not in INSTALLED_APPS" in f["message"]]
     assert [f["severity"] for f in missing] == ["warning"], out
+
+
+def test_docs_show_what_the_doctor_prints() -> None:
+    """Every output in docs/DOCTOR.md that needs no database is what the doctor prints
+    today, word for word (the shipped configs from the repository's root, the broken ones
+    from doctor_files/)."""
+    import re
+    import shlex
+
+    text = (ROOT / "docs" / "DOCTOR.md").read_text()
+    blocks = re.findall(r"```text\n\$ (forksafe doctor [^\n]*)\n(.*?)\n\(exit status (\d)\)\n```",
+                        text, flags=re.S)
+    offline = [b for b in blocks if "--url" not in b[0] and "--app" not in b[0]]
+    assert len(offline) >= 9, blocks
+    for command, shown, status in offline:
+        args = shlex.split(command)[2:]
+        cwd = ROOT if any(a.startswith(("examples/", "uwsgi.ini.example")) for a in args) \
+            else FILES
+        done = subprocess.run([sys.executable, "-m", "forksafe", "doctor", *args],
+                              capture_output=True, text=True, timeout=90, check=False, cwd=cwd)
+        assert done.stdout.rstrip("\n") == shown, (command, done.stdout)
+        assert str(done.returncode) == status, command
