@@ -462,6 +462,17 @@ def _expand(value: str, path: Path, options: list[tuple[str, str]]) -> str:
     return _PLACEHOLDER.sub(one, value)
 
 
+def _forksafe_module_exists(name: str) -> bool:
+    """Whether ``name`` (a forksafe module) exists, without importing it (forksafe.uwsgi
+    refuses to import outside uWSGI)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def check_uwsgi(path_text: str, ctx: Context) -> list[Finding]:
     """Loading and forking without a hook, imports uWSGI cannot do, master, lazy-apps,
     threads, harakiri."""
@@ -496,6 +507,11 @@ def check_uwsgi(path_text: str, ctx: Context) -> list[Finding]:
                 f"ModuleNotFoundError: No module named {value!r})",
                 "one module per line, with no comment after it: put a comment on a line of "
                 "its own"))
+        elif value.partition(".")[0] == "forksafe" and not _forksafe_module_exists(value):
+            out.append(Finding(
+                "error", "uwsgi", f"{path}: `{name} = {value}`: forksafe has no module "
+                f"{value!r}; uWSGI logs ModuleNotFoundError and goes on without it",
+                "import = forksafe.uwsgi"))
     hooked = any(value == "forksafe.uwsgi" for _, value in imports) or any(
         name in opts and _truthy(opts[name])
         for name in ("py-call-osafterfork", "py-call-uwsgi-fork-hooks")
