@@ -52,6 +52,9 @@ class Context:
     #: where that was learned, for messages ("uwsgi.ini: lazy-apps")
     fork_source: str = ""
     threads: int | None = None  # threads per worker, from a server config
+    #: what ``threads`` counts: an asyncio / greenlet worker class (uvicorn, gevent) serves
+    #: up to worker_connections requests at once on one thread
+    threads_unit: str = "thread(s) per worker"
     #: the server's worker timeout (gunicorn timeout, uWSGI harakiri) and where it is set
     worker_timeout: tuple[int, str] | None = None
     #: per engine found by --app: (URL, pool_size + max_overflow or None when unbounded,
@@ -274,7 +277,7 @@ def _pg_findings(shown: str, s: dict[str, tuple[Any, Any]], ctx: Context) -> lis
 def _per_worker(ctx: Context, backend: str) -> tuple[int, str]:
     """Connections one worker may hold at once, and how that was worked out."""
     threads = ctx.threads or 1
-    per_thread = f"{threads} thread(s) per worker"
+    per_thread = f"{threads} {ctx.threads_unit}"
     if ctx.pool_size is not None or ctx.max_overflow is not None:
         size = SA_POOL_SIZE if ctx.pool_size is None else ctx.pool_size
         overflow = SA_MAX_OVERFLOW if ctx.max_overflow is None else ctx.max_overflow
@@ -364,6 +367,7 @@ def check_gunicorn(path_text: str, ctx: Context) -> list[Finding]:
     if timeout == 0:
         out.append(Finding("warning", "gunicorn", f"{path}: timeout = 0: a worker stuck on a "
                            "dead connection is never restarted", "set timeout = 30 (or more)"))
+    out += _async_worker_class(path, settings, ctx)
     threads = settings.get("threads", 1)
     if isinstance(threads, int) and threads > 0 and ctx.threads is None:
         ctx.threads = threads
@@ -372,6 +376,23 @@ def check_gunicorn(path_text: str, ctx: Context) -> list[Finding]:
                            f"may check out up to {threads} connections at once; size "
                            "pool_size accordingly"))
     return out
+
+
+def _async_worker_class(path: Path, settings: dict[str, Any], ctx: Context) -> list[Finding]:
+    """uvicorn / gevent / eventlet workers: many requests at once on one thread, so a worker
+    may hold its whole pool (threads do not cap it)."""
+    worker_class = str(settings.get("worker_class", "sync"))
+    if not any(k in worker_class.lower() for k in ("uvicorn", "gevent", "eventlet")):
+        return []
+    connections = settings.get("worker_connections", 1000)
+    if not isinstance(connections, int) or connections < 1:
+        connections = 1000
+    if ctx.threads is None:
+        ctx.threads = connections
+        ctx.threads_unit = f"request(s) at once per {worker_class.rsplit('.', 1)[-1]}"
+    return [Finding("info", "gunicorn", f"{path}: worker_class = {worker_class}: one worker "
+                    f"serves up to {connections} requests at once (worker_connections), so "
+                    "it may check out its engine's whole pool")]
 
 
 # -- uWSGI --------------------------------------------------------------------------------------

@@ -154,3 +154,16 @@ def test_fastapi_example_under_uvicorn_workers(postgres: Any, tmp_path: Path,
     assert log.count("Booting worker with pid") >= 4, log[-2000:]
     trouble = [line for line in log.splitlines() if any(t in line for t in ASYNCIO_TROUBLE)]
     assert trouble == [], "\n".join(trouble[:20])
+
+
+def test_doctor_counts_a_uvicorn_worker_as_concurrent(postgres: Any) -> None:
+    """``forksafe doctor`` on the example's gunicorn.conf.py: a uvicorn worker serves many
+    requests at once on one thread, so the connection budget is workers x the whole pool
+    (4 x 15), not workers x 1 thread."""
+    from tests.integration.test_doctor import doctor
+
+    _status, findings, out = doctor("--gunicorn", str(EXAMPLE / "gunicorn.conf.py"),
+                                    "--url", postgres.url("psycopg2"))
+    messages = [f["message"] for f in findings]
+    assert any("worker_class = uvicorn_worker.UvicornWorker" in m for m in messages), out
+    assert any("4 worker(s) x 15 connection(s)" in m for m in messages), out
