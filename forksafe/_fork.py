@@ -188,8 +188,9 @@ def neutralise(conn: object, entry: ConnectionEntry | None = None) -> bool:
     A descriptor is replaced only if it is still the socket recorded when the connection
     was tracked (a number can be reused once the driver's own socket is closed); one that
     is not is left alone, and the log says so. If the driver cannot tell its socket (its
-    accessor raises: an API that moved in a new release), that is reported, never read as
-    "closed", and the descriptor recorded at track time is neutralised instead.
+    accessor raises), that is never read as "closed": the descriptor recorded at track time
+    is neutralised if it is provably still the same socket (a warning says so), and
+    otherwise the failure is reported as an internal error.
 
     Args:
         conn: a DBAPI connection (or one of SQLAlchemy's wrappers of it).
@@ -216,12 +217,8 @@ def neutralise(conn: object, entry: ConnectionEntry | None = None) -> bool:
         try:
             fd = driver.socket_fd(raw)
         except Exception as exc:  # "could not tell" is not "closed" (see Driver.socket_fd)
-            _ORPHANS.append(raw)
-            report_internal_error(exc, f"finding the socket of an inherited {name} connection "
-                                       "(it is kept alive, never closed)")
-            if entry is None or entry.fd is None:
-                return False
-            fd = entry.fd  # the number recorded when it was tracked, checked just below
+            _ORPHANS.append(raw)  # whatever happens next, its destructor never runs
+            return _neutralise_recorded(entry, name, exc)
         if fd is None:  # the driver says it is closed: nothing is shared any more
             return False
         expected = entry.socket if entry is not None else None
@@ -241,6 +238,22 @@ def neutralise(conn: object, entry: ConnectionEntry | None = None) -> bool:
         report_internal_error(exc, f"neutralising an inherited {name} connection's socket "
                                    "(it is kept alive, never closed)")
         return False
+
+
+def _neutralise_recorded(entry: ConnectionEntry | None, name: str, exc: Exception) -> bool:
+    """The driver could not tell the socket: use the descriptor recorded at track time if it
+    is provably still the same socket, else report the failure."""
+    recorded = entry.fd if entry is not None else None
+    if entry is None or recorded is None or _sockets.socket_identity(recorded) != entry.socket:
+        report_internal_error(exc, f"finding the socket of an inherited {name} connection "
+                                   "(it is kept alive, never closed)")
+        return False
+    # mysqlclient, for one, refuses fileno() on a connection that another thread was using
+    # when the process forked; that thread does not exist here.
+    logger.warning("forksafe: pid %d: the %s driver could not tell an inherited connection's "
+                   "socket (%r); neutralised descriptor %d, recorded when it was tracked and "
+                   "still the same socket", os.getpid(), name, exc, recorded)
+    return _sockets.neutralise_fd(recorded)
 
 
 def _before_fork() -> None:
