@@ -174,3 +174,16 @@ def test_neutralise_fd_leaves_non_sockets_alone() -> None:
     finally:
         os.close(read_fd)
         os.close(write_fd)
+
+
+def test_connections_name_engines_and_raw_connections_alike() -> None:
+    """forksafe.connections() names a tracked engine by its Driver's name, as a raw
+    connection of that driver is named (not SQLAlchemy's dialect driver name)."""
+    engine = create_engine("mysql+mysqldb://u@127.0.0.1:1/db")  # never connects
+    forksafe.track(engine)
+    try:
+        names = {info.driver for info in forksafe.connections() if info.kind == "engine"}
+        assert "mysqlclient" in names
+        assert "mysqldb" not in names
+    finally:
+        forksafe.untrack(engine)

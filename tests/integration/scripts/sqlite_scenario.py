@@ -10,13 +10,14 @@ there and ``PRAGMA integrity_check`` says ok.
 SQLite's own documentation warns against carrying a connection across fork: the child's
 copy of the connection thinks it holds the parent's locks and journal, and closing it rolls
 back, deleting the parent's journal. ``--mode none`` shows that; ``--mode track`` protects
-the engine with ``forksafe.track``. ``--engine async`` does the same through aiosqlite and
+the engine with ``forksafe.track``. ``--aio`` does the same through aiosqlite and
 an ``AsyncEngine``. Prints one JSON object and leaves with ``os._exit``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import os
@@ -38,13 +39,21 @@ def main() -> None:
     parser.add_argument("--action", required=True)
     parser.add_argument("--journal", choices=["delete", "wal"], default="delete")
     parser.add_argument("--memory", action="store_true", help="a :memory: database instead")
+    parser.add_argument("--aio", action="store_true", help="aiosqlite through an AsyncEngine")
     args = parser.parse_args()
 
     from sqlalchemy import create_engine, event, text
 
     workdir = tempfile.mkdtemp(prefix="forksafe-sqlite-")
     path = os.path.join(workdir, "app.db")
-    engine = create_engine("sqlite://" if args.memory else f"sqlite:///{path}")
+    if args.aio:
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        aengine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+        STATE["aengine"] = aengine
+        engine = aengine.sync_engine
+    else:
+        engine = create_engine("sqlite://" if args.memory else f"sqlite:///{path}")
 
     @event.listens_for(engine, "connect")
     def _journal(dbapi_connection, _record) -> None:
@@ -52,11 +61,24 @@ def main() -> None:
         dbapi_connection.execute("PRAGMA cache_size=1")  # spill early: pages reach the file
 
     if args.mode == "track":
-        forksafe.track(engine)
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE t (x TEXT)"))
-    held = engine.connect()
-    held.execute(text("INSERT INTO t VALUES (:x)"), [{"x": "x" * 500}] * ROWS)
+        forksafe.track(STATE.get("aengine", engine))
+    if args.aio:
+        loop = asyncio.new_event_loop()  # the parent's one loop, as an ASGI server has
+
+        async def open_held():
+            async with STATE["aengine"].begin() as conn:
+                await conn.execute(text("CREATE TABLE t (x TEXT)"))
+            held = await STATE["aengine"].connect()
+            await held.execute(text("INSERT INTO t VALUES (:x)"), [{"x": "x" * 500}] * ROWS)
+            return held
+
+        held = loop.run_until_complete(open_held())
+        STATE["loop"] = loop
+    else:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE t (x TEXT)"))
+        held = engine.connect()
+        held.execute(text("INSERT INTO t VALUES (:x)"), [{"x": "x" * 500}] * ROWS)
     STATE.update(engine=engine, held=held)
 
     read_fd, write_fd = os.pipe()
@@ -76,7 +98,10 @@ def main() -> None:
 
     report: dict = {"child": json.loads(report_line) if report_line else None}
     try:
-        held.commit()
+        if args.aio:
+            STATE["loop"].run_until_complete(asyncio.wait_for(held.commit(), 30))
+        else:
+            held.commit()
         report["commit_error"] = None
     except Exception as exc:
         report["commit_error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -105,7 +130,20 @@ def child(args, write_fd: int) -> None:
     report: dict = {"pid": os.getpid()}
     engine = STATE["engine"]
     try:
-        if args.action == "close":
+        if args.aio and args.action in ("close", "dispose", "use_held"):
+            # on a loop of the child's own; aiosqlite's thread did not survive the fork, so
+            # anything that reaches an inherited connection waits for ever: bounded here
+            async def act():
+                if args.action == "close":
+                    await STATE["held"].close()
+                elif args.action == "dispose":
+                    await STATE["aengine"].dispose()
+                else:
+                    result = await STATE["held"].execute(text("SELECT COUNT(*) FROM t"))
+                    report["rows_seen"] = result.scalar()
+
+            asyncio.run(asyncio.wait_for(act(), 10))
+        elif args.action == "close":
             STATE["held"].close()  # back to the pool: a rollback on the inherited connection
         elif args.action == "dispose":
             engine.dispose()
