@@ -27,12 +27,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 SCRIPT = Path(__file__).parent / "scripts" / "sqlite_scenario.py"
 ROWS = 2000
 ACTIONS = ("exit", "gc", "close", "dispose", "use_held", "sigterm")
+
+
+# SQLAlchemy 1.4 does not finalise a Connection held across the fork at interpreter exit
+# (measured): there only the child's close() and garbage collection ruin the parent's work,
+# and only with a rollback journal (its WAL runs were intact).
+SA14 = int(sqlalchemy.__version__.split(".")[0]) < 2
+HARMFUL_SA14 = frozenset({"gc", "close"})
 
 
 def run(mode: str, action: str, journal: str = "delete", *extra: str) -> dict[str, Any]:
@@ -58,7 +66,10 @@ def intact(report: dict[str, Any]) -> bool:
 @pytest.mark.parametrize("action", ACTIONS)
 def test_parent_transaction_survives_the_child(action: str, journal: str) -> None:
     bare = run("none", action, journal)
-    assert not intact(bare), f"expected the child to ruin the parent's transaction: {bare}"
+    if SA14 and (action not in HARMFUL_SA14 or journal == "wal"):
+        assert intact(bare), f"SQLAlchemy 1.4 was measured harmless here: {bare}"
+    else:
+        assert not intact(bare), f"expected the child to ruin the parent's transaction: {bare}"
 
     protected = run("track", action, journal)
     assert intact(protected), protected

@@ -69,17 +69,19 @@ def main() -> None:
             async with STATE["aengine"].begin() as conn:
                 await conn.execute(text("CREATE TABLE t (x TEXT)"))
             held = await STATE["aengine"].connect()
+            txn = await held.begin()
             await held.execute(text("INSERT INTO t VALUES (:x)"), [{"x": "x" * 500}] * ROWS)
-            return held
+            return held, txn
 
-        held = loop.run_until_complete(open_held())
+        held, txn = loop.run_until_complete(open_held())
         STATE["loop"] = loop
     else:
         with engine.begin() as conn:
             conn.execute(text("CREATE TABLE t (x TEXT)"))
         held = engine.connect()
+        txn = held.begin()  # explicit: SQLAlchemy 1.4 and 2.x alike
         held.execute(text("INSERT INTO t VALUES (:x)"), [{"x": "x" * 500}] * ROWS)
-    STATE.update(engine=engine, held=held)
+    STATE.update(engine=engine, held=held, txn=txn)
 
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -99,9 +101,9 @@ def main() -> None:
     report: dict = {"child": json.loads(report_line) if report_line else None}
     try:
         if args.aio:
-            STATE["loop"].run_until_complete(asyncio.wait_for(held.commit(), 30))
+            STATE["loop"].run_until_complete(asyncio.wait_for(txn.commit(), 30))
         else:
-            held.commit()
+            txn.commit()
         report["commit_error"] = None
     except Exception as exc:
         report["commit_error"] = f"{type(exc).__name__}: {exc}"[:300]
