@@ -1,8 +1,12 @@
 """``forksafe doctor``: check a deployment for causes of "server has gone away" and fork bugs.
 
 Looks at whatever it is given: a database URL (the server's timeouts, packet size and
-connection limit against the pool settings and worker count), a ``gunicorn.conf.py``, a
-uWSGI ini file, and an app import path (engines and connections open at import). Prints the
+connection limit against what the workers can hold), a ``gunicorn.conf.py``, a uWSGI ini
+file (read as uWSGI reads it: `read_uwsgi_ini`), and an app import path (engines and
+connections open at import, a Django project's aliases). The checks feed each other: a
+server config says whether the app is loaded before the fork (which decides whether what it
+opens at import is shared), how many workers and threads there are and the worker timeout;
+the app says which pools there are and whether they are tracked. Prints the
 findings most serious first, each with its fix; ``--json`` for machines. Exit status 1 when a
 finding is an error, 0 otherwise (2 for bad usage). Never prints a traceback or a password.
 """
@@ -75,16 +79,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``forksafe doctor``."""
     parser.add_argument("--url", help="database URL (SQLAlchemy form); the password is masked")
     parser.add_argument("--gunicorn", metavar="FILE", help="a gunicorn.conf.py")
-    parser.add_argument("--uwsgi", metavar="FILE", help="a uWSGI .ini file")
+    parser.add_argument("--uwsgi", metavar="FILE[:SECTION]",
+                        help="a uWSGI .ini file (section: default uwsgi)")
     parser.add_argument("--app", metavar="MODULE[:ATTR]",
                         help="import this module and inspect the engines it opened")
     parser.add_argument("--workers", type=int, help="worker processes (default: from config)")
     parser.add_argument("--threads", type=int,
                         help="threads per worker (default: from config, else 1)")
     parser.add_argument("--pool-size", type=int, default=None,
-                        help="pool_size per worker when --app is not given (default 5)")
+                        help="pool_size of one worker's pool (default: the pools --app "
+                        "finds, else 5)")
     parser.add_argument("--max-overflow", type=int, default=None,
-                        help="max_overflow per worker when --app is not given (default 10)")
+                        help="max_overflow of one worker's pool (default: the pools --app "
+                        "finds, else 10)")
     parser.add_argument("--json", action="store_true", help="print the findings as JSON")
 
 
