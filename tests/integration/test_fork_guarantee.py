@@ -115,12 +115,13 @@ def run_thread_scenario(server: Any, *, hold: str, fork: str) -> dict:
 
 
 @pytest.mark.parametrize("fork", ["os", "multiprocessing"])
-@pytest.mark.parametrize("hold", ["local", "process_local", "instrument"])
+@pytest.mark.parametrize("hold", ["local", "process_local", "instrument", "engine"])
 def test_connection_held_by_another_thread_survives_fork(
     mariadb: Any, hold: str, fork: str
 ) -> None:
     """A connection only a worker thread references (a ``threading.local``, a per-thread
-    ``ProcessLocal``, or instrumented) survives a fork made by the main thread.
+    ``ProcessLocal``, instrumented, or a tracked engine's connection checked out inside a
+    transaction) survives a fork made by the main thread.
 
     In the child, CPython frees the other threads' state before any at-fork hook runs, so
     the connection is finalised there (mysqlclient sends COM_QUIT) unless forksafe holds it

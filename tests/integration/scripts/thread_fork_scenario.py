@@ -7,6 +7,8 @@ worker uses its connection again. ``--hold`` says where the worker keeps it:
 * ``local``: a ``threading.local``, the connection passed to ``forksafe.track``;
 * ``process_local``: ``forksafe.ProcessLocal(factory, per_thread=True)``;
 * ``instrument``: a ``threading.local``, with ``forksafe.instrument()`` on (no track call);
+* ``engine``: a ``threading.local`` holding a checked-out ``Connection`` of a tracked
+  engine, inside a transaction;
 * ``none``: a ``threading.local``, nothing tracked (the control: the child kills it).
 
 Every step waits for a signal from the other thread; nothing is timed. Prints one JSON
@@ -28,7 +30,8 @@ import forksafe
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--port", type=int, required=True)
-parser.add_argument("--hold", choices=["local", "process_local", "instrument", "none"])
+parser.add_argument("--hold", choices=["local", "process_local", "instrument", "engine",
+                                       "none"])
 parser.add_argument("--fork", choices=["os", "multiprocessing"], default="os")
 args = parser.parse_args()
 
@@ -61,12 +64,21 @@ report: dict = {}
 def get() -> MySQLdb.connections.Connection:
     if args.hold == "process_local":
         return per_thread.get()
+    if args.hold == "engine":  # a checked-out engine connection: its DBAPI connection
+        return local.sa.connection.dbapi_connection
     return local.conn  # type: ignore[no-any-return]
 
 
 def worker() -> None:
     try:
-        if args.hold != "process_local":
+        if args.hold == "engine":
+            from sqlalchemy import create_engine
+
+            engine = forksafe.track(create_engine(
+                f"mysql+mysqldb://root@127.0.0.1:{args.port}/", pool_size=1))
+            local.sa = engine.connect()
+            local.sa.begin()
+        elif args.hold != "process_local":
             local.conn = connect()
             if args.hold == "local":
                 forksafe.track(local.conn)
