@@ -34,28 +34,34 @@ such a connection raises `UntrackedConnectionError` instead: the inherited objec
 (``cursor()``, ``query()``, ``execute()``; not possible for psycopg2's C class), a checkout
 from an untracked engine, and any new connection while instrumented. Fork-time code itself
 never raises.
+
+Each concern has its own module; this one is the public API and wires them together:
+``forksafe._patching`` (undoable, invisible wrappers), ``forksafe._records`` (creation
+records and the detection options), ``forksafe._detect`` (detection after a fork) and
+``forksafe._strict`` (strict mode).
 """
 
 from __future__ import annotations
 
-import gc
 import importlib.abc
 import importlib.machinery
 import logging
 import os
 import sys
-import time
 import types
-import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from forksafe import _fork, _patching
+from forksafe import _fork, _patching, _strict
+from forksafe._detect import connection_state as _state
+from forksafe._detect import scan_gc
 from forksafe._patching import target_module
+from forksafe._records import CONFIG as _CONFIG
+from forksafe._records import LOCK as _LOCK
+from forksafe._records import SEEN as _SEEN
+from forksafe._records import record as _record
 from forksafe._registry import REGISTRY, ConnectionEntry
-from forksafe._state import ForkLock, weak_keys
 from forksafe.drivers import (
     all_drivers,
     dialect_drivers,
@@ -63,7 +69,7 @@ from forksafe.drivers import (
     find_driver,
     unwrap,
 )
-from forksafe.exceptions import ForkSafetyWarning, UntrackedConnectionError
+from forksafe.exceptions import UntrackedConnectionError
 
 __all__ = [
     "ConnectionInfo",
@@ -76,19 +82,7 @@ __all__ = [
 
 logger = logging.getLogger("forksafe")
 
-#: modules whose frames are not "where the user created it"
-_SKIP_PREFIXES = ("forksafe", "sqlalchemy", "MySQLdb", "pymysql", "psycopg", "psycopg2",
-                  "importlib", "threading", "asyncio", "greenlet", "contextlib")
-
-
-@dataclass(frozen=True)
-class Origin:
-    """Where and by whom an engine or connection was created."""
-
-    site: str
-    pid: int
-    kind: str  # "engine" or a driver name
-
+_scan_gc = scan_gc  # the name forksafe.doctor and the tests use
 
 @dataclass(frozen=True)
 class ConnectionInfo:
@@ -116,18 +110,6 @@ class ConnectionInfo:
     tracked: bool
 
 
-class _Config:
-    __slots__ = ("scan_at_fork", "strict")
-
-    def __init__(self) -> None:
-        self.strict = os.environ.get("FORKSAFE_STRICT", "") not in ("", "0", "false", "no")
-        self.scan_at_fork = False
-
-
-_CONFIG = _Config()
-_LOCK = ForkLock("instrument", reentrant=True)
-# Weak records of what was created while instrumented: object -> Origin.
-_SEEN: weakref.WeakKeyDictionary[Any, Origin] = weakref.WeakKeyDictionary()
 # How to undo each patch, in the order they were made (undone in reverse).
 _UNDO: list[Callable[[], str | None]] = []
 #: The engine constructor instrument() wraps, besides the drivers' own constructors.
@@ -135,7 +117,7 @@ ENGINE_TARGET = "sqlalchemy.engine.base:Engine.__init__"
 
 
 class _InstrumentState:
-    __slots__ = ("active", "finder", "patched", "pending_strict", "track", "unsupported")
+    __slots__ = ("active", "finder", "patched", "track", "unsupported")
 
     def __init__(self) -> None:
         self.active = False
@@ -143,7 +125,6 @@ class _InstrumentState:
         self.finder: _PostImportFinder | None = None
         self.patched: set[str] = set()  # targets wrapped ("module:qualname")
         self.unsupported: set[str] = set()  # engine dialects already logged as unsupported
-        self.pending_strict: list[str] = []  # descriptions of untracked inherited objects
 
 
 _STATE = _InstrumentState()
@@ -254,57 +235,11 @@ def connections() -> list[ConnectionInfo]:
     return out
 
 
-def _state(conn: Any, owner: int, pid: int) -> str:
-    driver = find_driver(conn)
-    try:
-        fd = driver.socket_fd(conn) if driver is not None else None
-    except Exception:  # the driver could not tell: not "closed" (see Driver.socket_fd)
-        return "unknown"
-    if fd is None:
-        return "closed"
-    if owner != pid:
-        return "inherited"
-    return "closed-by-server" if _peer_hung_up(fd) else "open"
-
-
-def _peer_hung_up(fd: int) -> bool:
-    """Whether the other end closed this socket: a zero-timeout poll (no byte sent, nothing
-    read). A reply in flight to a query of another thread is not a hang-up (POLLIN alone)."""
-    import select
-
-    flags = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
-    try:
-        poller = select.poll()
-        poller.register(fd, flags)
-        events = poller.poll(0)
-    except (OSError, ValueError):
-        return False
-    return any(mask & flags for _fd, mask in events)
-
-
-# -- creation sites -----------------------------------------------------------------------------
-def _creation_site() -> str:
-    frame: types.FrameType | None = sys._getframe(1)
-    while frame is not None:
-        module = frame.f_globals.get("__name__", "")
-        if not module.startswith(_SKIP_PREFIXES):
-            return f"{frame.f_code.co_filename}:{frame.f_lineno}"
-        frame = frame.f_back
-    return "<unknown>"
-
-
-def _record(obj: Any, kind: str) -> Origin:
-    origin = Origin(_creation_site(), os.getpid(), kind)
-    with _LOCK:
-        _SEEN[obj] = origin
-    return origin
-
-
 def _on_new_connection(conn: Any) -> None:
     if not _STATE.active:  # a wrapper of ours that another library's kept after uninstrument
         return
     try:
-        _check_strict_pending()
+        _strict.check_pending()
         raw = unwrap(conn)
         driver = find_driver(raw)
         if driver is None:
@@ -430,157 +365,4 @@ class _LoaderProxy(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
-# -- strict mode: errors at first use -----------------------------------------------------------
-def _check_strict_pending() -> None:
-    if _STATE.pending_strict and _CONFIG.strict:
-        raise UntrackedConnectionError(_strict_message(_STATE.pending_strict))
 
-
-def _strict_message(items: list[str]) -> str:
-    return (
-        f"forksafe strict mode: this process (pid {os.getpid()}) inherited "
-        f"{len(items)} database connection(s) nobody tracked: {'; '.join(items)}. "
-        "Track them (forksafe.track) or call forksafe.instrument() before they are created."
-    )
-
-
-def _make_raiser(description: str) -> Callable[..., Any]:
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise UntrackedConnectionError(_strict_message([description]))
-
-    return refuse
-
-
-# -- detection after fork -----------------------------------------------------------------------
-def _scan_gc() -> list[Any]:
-    """Every live driver connection and Engine the garbage collector knows of."""
-    from forksafe.drivers import _resolve
-
-    classes: list[type] = []
-    for driver in all_drivers():
-        if driver.module in sys.modules:
-            classes += [c for c in map(_resolve, driver.classes) if c is not None]
-    if "sqlalchemy.engine.base" in sys.modules:
-        classes.append(sys.modules["sqlalchemy.engine.base"].Engine)
-    if not classes:
-        return []
-    wanted = tuple(classes)
-    frozen = gc.get_freeze_count() > 0
-    if frozen:  # gc.freeze() (forksafe's server hooks, or the app's) hides objects from
-        gc.unfreeze()  # gc.get_objects(); both calls only relink lists
-    try:
-        return [obj for obj in gc.get_objects() if isinstance(obj, wanted)]
-    finally:
-        if frozen:
-            gc.freeze()
-
-
-def _untracked_inherited(pid: int) -> list[tuple[Any, str]]:
-    """Inherited connections and engines that nobody tracked, with their descriptions."""
-    tracked_conns, tracked_engines = REGISTRY.snapshot()
-    tracked = {id(c) for c, _ in tracked_conns} | {id(e) for e, _ in tracked_engines}
-    with _LOCK:
-        candidates = [(obj, origin) for obj, origin in _SEEN.items() if origin.pid != pid]
-    if _CONFIG.scan_at_fork:
-        known = {id(obj) for obj, _ in candidates}
-        for obj in _scan_gc():
-            if id(obj) not in known:
-                candidates.append((obj, Origin("<created before forksafe.instrument()>", 0, "")))
-    engines: list[tuple[Any, Origin]] = []
-    conns: list[tuple[Any, Origin]] = []
-    for obj, origin in candidates:
-        if id(obj) in tracked:
-            continue
-        is_conn = find_driver(obj) is not None
-        (conns if is_conn else engines).append((obj, origin))
-    found = []
-    in_pools: set[int] = set()  # reported with their engine, not once more on their own
-    for obj, origin in engines:
-        pool_conns = _engine_inherited_connections(obj)
-        in_pools.update(id(c) for c in pool_conns)
-        if pool_conns:
-            found.append((obj, f"SQLAlchemy engine created at {origin.site}"))
-    for obj, origin in conns:
-        driver = find_driver(obj)
-        if driver is None or id(obj) in in_pools or _state(obj, -1, pid) == "closed":
-            continue
-        found.append((obj, f"{driver.name} connection created at {origin.site}"))
-    return found
-
-
-def _engine_inherited_connections(engine: Any) -> list[Any]:
-    from forksafe.sqlalchemy import _idle_records, _record_connection
-
-    out = []
-    for record in _idle_records(engine.pool):
-        conn = _record_connection(record)
-        if conn is not None and find_driver(unwrap(conn)) is not None:
-            out.append(unwrap(conn))
-    return out
-
-
-def _child_check() -> None:
-    """Run in a child before forksafe's own reset: protect and report untracked objects."""
-    pid = os.getpid()  # the pid being reset: after_fork runs in the process it resets
-    _STATE.pending_strict = []  # what an ancestor found is not this process's business
-    if not (len(_SEEN) or _CONFIG.scan_at_fork):
-        return
-    started = time.perf_counter()
-    found = _untracked_inherited(pid)
-    for obj, description in found:
-        action = _protect(obj)
-        message = (
-            f"forksafe: pid {pid} inherited a {description} that nobody tracked; {action}. "
-            "Track it with forksafe.track(), or create it after the fork."
-        )
-        logger.warning("%s", message)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("always", ForkSafetyWarning)
-                warnings.warn(message, ForkSafetyWarning, stacklevel=2)
-        except Exception as exc:  # warnings configured as errors: never raise at fork time
-            _fork.report_internal_error(exc, "warning about an untracked connection")
-        if _CONFIG.strict:
-            _STATE.pending_strict.append(description)
-            _poison(obj, description)
-    if found:
-        logger.debug("forksafe: untracked-connection check took %.1f ms",
-                     (time.perf_counter() - started) * 1000)
-
-
-def _protect(obj: Any) -> str:
-    if find_driver(obj) is not None:
-        done = _fork.neutralise(obj)
-        return ("its socket was neutralised: using it fails at once, the parent's session "
-                "is untouched" if done else "it had no open socket")
-    neutralised = sum(_fork.neutralise(conn) for conn in _engine_inherited_connections(obj))
-    obj.dispose(close=False)
-    return (f"its {neutralised} pooled connection(s) were neutralised and it got a fresh "
-            "pool")
-
-
-def _poison(obj: Any, description: str) -> None:
-    refuse = _make_raiser(description)
-    if find_driver(obj) is None:  # an engine: refuse its next checkout
-        from sqlalchemy import event
-
-        def on_checkout(*args: Any) -> None:
-            refuse()
-
-        event.listen(obj, "checkout", on_checkout)
-        return
-    for name in ("cursor", "query", "execute"):
-        if hasattr(obj, name):
-            try:
-                setattr(obj, name, refuse)
-            except (AttributeError, TypeError):  # psycopg2: a C class without __dict__
-                break
-
-
-def _records_to_hold() -> list[Any]:
-    """Everything recorded while instrumented, held strongly across each fork (no lock)."""
-    return weak_keys(_SEEN)
-
-
-_fork.register_child_callback(_child_check, phase=_fork.BEFORE_RESET)
-_fork.register_hold_source(_records_to_hold)
