@@ -200,3 +200,13 @@ def test_parent_session_survives_every_child_ending(
     # 2. with forksafe.track
     protected = run_scenario(url, kind, "track", action)
     assert_protected(protected, server, driver, kind, action)
+
+
+@pytest.mark.parametrize("driver", list(HARM_UNPROTECTED))
+def test_instrument_protects_every_driver(request: pytest.FixtureRequest, driver: str) -> None:
+    """instrument() alone (no track()) protects a raw connection of every driver: it wraps
+    each driver's constructors (`Driver.constructors`); a child's close() kills the
+    parent's session unprotected (the "close" column above), never with instrument()."""
+    server = server_for(request, driver)
+    report = run_scenario(url_for(server, driver), "raw", "instrument", "close")
+    assert_protected(report, server, driver, "raw", "close")
