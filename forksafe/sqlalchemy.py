@@ -22,8 +22,10 @@ events. Connections checked out at the time of ``track()`` are recorded when the
 back (by a second subclass that adds ``_do_return_conn`` and gives way to the lean one once
 all of them are back).
 
-In a child, `EngineAdapter.reset_in_child` runs after every inherited socket was neutralised
-and gives the engine a fresh pool of the same configuration (``dispose(close=False)``).
+In a child, the reset neutralises every inherited socket; the engine's pool, made for
+another pid, is replaced by a fresh one of the same configuration (``dispose(close=False)``)
+at the child's first checkout, before anything is taken from it. Building pools is the
+costly part of a reset with many engines, so only the engines a child uses pay it.
 
 Liveness at checkout, per pooled connection (``track(engine, idle_check=..., recycle=...)``):
 
@@ -273,20 +275,22 @@ def _make_classes(base: Any) -> tuple[type, type]:
 
 
 def _connect_after_fork(pool: Any, base_connect: Any) -> Any:
-    """A checkout in a process the pool was not made for: reset, then use the new pool."""
+    """A checkout in a process the pool was not made for (a child): reset the process if no
+    hook did, give the engine its fresh pool, and serve the checkout from that one. The
+    inherited pool is never used: no session is opened in it and its lock (which a parent
+    thread may have held at fork) is never taken."""
     _fork.after_fork()
     adapter = vars(pool).get("_forksafe_adapter")
     engine = adapter._engine() if adapter is not None else None
-    current = getattr(engine, "pool", None)
-    if (
-        current is not None
-        and current is not pool
-        and vars(current).get("_forksafe_pid") == _getpid()
-    ):
-        return current.connect()
-    # The engine still has this pool (its reset failed, or it is gone): start the pool over
-    # in this process. Its connections were registered, hence neutralised by the reset, so
-    # recycling them cannot reach the parent's sessions.
+    if engine is not None:
+        if engine.pool is pool:
+            engine.dispose(close=False)  # close=False: nothing of the old pool is touched
+        current = engine.pool
+        if current is not pool:
+            return current.connect()
+    # No engine any more (the pool outlived it): start the pool over in this process. Its
+    # connections were registered, hence neutralised by the reset, so recycling them cannot
+    # reach the parent's sessions.
     pool._forksafe_pid = _getpid()
     pool._invalidate_time = time.time()
     return base_connect(pool)
@@ -375,6 +379,9 @@ class EngineAdapter:
             if event.contains(engine, name, fn):
                 event.remove(engine, name, fn)
         pool: Any = engine.pool
+        if vars(pool).get("_forksafe_pid", _getpid()) != _getpid():
+            engine.dispose(close=False)  # a child that has not used the engine yet
+            pool = engine.pool
         if _is_tracked_pool(pool) and vars(pool).get("_forksafe_adapter") is self:
             pool.__class__ = type(pool)._forksafe_base
             vars(pool).pop("_forksafe_adapter", None)
@@ -531,18 +538,32 @@ class EngineAdapter:
 
     # -- fork ------------------------------------------------------------------------------
     def reset_in_child(self) -> None:
-        """Give the engine a fresh pool of the same configuration, closing nothing."""
+        """Make sure the engine gets a fresh pool in this child, closing nothing.
+
+        A pool of forksafe's already knows: it was made for another pid, and its first
+        checkout here replaces it (``dispose(close=False)``) before anything else. Building
+        SQLAlchemy pools is what a reset with many engines would spend its time on, so it
+        happens only for the engines the child uses. Any other pool is replaced now.
+        """
         engine = self._engine()
         if engine is None:
             return
         if self._park:
             if _memory_database(engine):
-                return  # the child's own copy of the parent's memory: nothing is shared
+                # the child's own copy of the parent's memory: nothing is shared, and the
+                # pool stays as it is (its first checkout must not replace it)
+                vars(engine.pool)["_forksafe_pid"] = _getpid()
+                return
             inherited = [c for c in map(_record_connection, list(self._records)) if c is not None]
             # never finalised by the child, not even at exit (closing rolls back the
             # parent's transaction and deletes its journal)
             _fork.park((engine.pool, inherited))
             _guard_inherited(engine.dialect, inherited)
+            engine.dispose(close=False)
+            return
+        pool = engine.pool
+        if vars(pool).get("_forksafe_adapter") is self and _is_tracked_pool(pool):
+            return
         engine.dispose(close=False)
 
 

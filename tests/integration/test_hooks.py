@@ -43,10 +43,14 @@ def test_several_hooks_on_one_fork_reset_once(engine: Any) -> None:
     pool_before = id(engine.pool)
 
     def child() -> dict:
-        pool_after_hook = id(engine.pool)
         resets_after_hook = _fork._STATE.resets
         post_fork(None, None)
         again = forksafe.after_fork()
+        connection_id(engine)  # the fresh pool replaces the inherited one at first checkout
+        pool_after_hook = id(engine.pool)
+        post_fork(None, None)
+        forksafe.after_fork()
+        connection_id(engine)
         return {
             "pool_changed": pool_after_hook != pool_before,
             "resets": resets_after_hook,
