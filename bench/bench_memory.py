@@ -176,7 +176,7 @@ def measure(
     timed = busy = 0.0
     failed = 0
     with serve(spec) as running:
-        startup = wait_for_workers(running, workers)
+        startup = wait_for_workers(running, workers, timeout=900)  # 8 lazy heavy apps, 2 cores
         for point in points:
             if point > sent:
                 result = traffic(running.base, app, (point - sent) * workers, workers)
