@@ -217,9 +217,12 @@ def plot(results: list[dict[str, object]], path: str) -> None:
         print("--plot needs matplotlib: pip install 'forksafe[bench]'", file=sys.stderr)
         return
     panels = sorted({(str(r["app"]), str(r["server"])) for r in results})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
+    columns = 2 if len(panels) > 2 else len(panels)
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.0 * columns, 4.0 * rows), squeeze=False)
     styles = {LAZY: "-", NO_FREEZE: ":", FREEZE: "--", WARM: "-."}
-    for ax, (app, server) in zip(axes[0], panels, strict=True):
+    colours = {LAZY: "tab:blue", NO_FREEZE: "tab:orange", FREEZE: "tab:green", WARM: "tab:red"}
+    for ax, (app, server) in zip(axes.flat, panels, strict=False):
         for mode in MODES:
             rows = [r for r in results if (r["app"], r["server"], r["mode"]) == (app, server, mode)]
             if not rows:
@@ -229,6 +232,7 @@ def plot(results: list[dict[str, object]], path: str) -> None:
                 [r["pss"] for r in rows],
                 marker="o",
                 linestyle=styles[mode],
+                color=colours[mode],
                 label=mode,
             )
         workers = next(r["workers"] for r in results if (r["app"], r["server"]) == (app, server))
@@ -252,6 +256,11 @@ def report(
     points: list[int],
 ) -> None:
     """Print the memory table of each app and the ratios to lazy."""
+    order = list(MODES)
+    results = sorted(
+        results,
+        key=lambda r: (str(r["server"]), order.index(str(r["mode"])), int(str(r["point"]))),
+    )
     for app in apps:
         print_table(
             f"memory and start-up, {app}",
@@ -278,7 +287,9 @@ def report(
             if not any((r["app"], r["server"], r["mode"]) == (app, server, LAZY) for r in results):
                 continue  # no lazy run to compare with (see --from-json)
             for mode in modes:
-                if mode == LAZY:
+                if mode == LAZY or not any(
+                    (r["app"], r["server"], r["mode"]) == (app, server, mode) for r in results
+                ):
                     continue
                 ratios.append([
                     app, server, SHORT[mode],
