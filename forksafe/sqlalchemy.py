@@ -280,6 +280,8 @@ def _connect_after_fork(pool: Any, base_connect: Any) -> Any:
     inherited pool is never used: no session is opened in it and its lock (which a parent
     thread may have held at fork) is never taken."""
     _fork.after_fork()
+    if vars(pool).get("_forksafe_pid") == _getpid():
+        return base_connect(pool)  # the reset kept this pool (an in-memory SQLite database)
     adapter = vars(pool).get("_forksafe_adapter")
     engine = adapter._engine() if adapter is not None else None
     if engine is not None:
