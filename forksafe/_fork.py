@@ -43,6 +43,7 @@ from forksafe._state import (
     internal_errors,
     register_hold_source,
     reinit_locks,
+    release_all_holds,
     release_holds,
     report_internal_error,
 )
@@ -272,7 +273,7 @@ def _after_fork_in_child() -> None:
         report_internal_error(exc, "the at-fork hook")
     finally:
         # only now, with every inherited socket neutralised, may the objects be freed
-        release_holds()
+        release_all_holds()
 
 
 def install_os_hooks() -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "internal_errors",
     "register_hold_source",
     "reinit_locks",
+    "release_all_holds",
     "release_holds",
     "report_internal_error",
     "weak_keys",
@@ -179,7 +180,8 @@ def reinit_locks() -> None:
 
 # -- fork holds -------------------------------------------------------------------------------
 _HOLD_SOURCES: list[Callable[[], Iterable[Any]]] = []
-_HOLDS: list[Any] = []
+# Per forking thread (two threads may fork at once): what its before-fork hook holds.
+_HOLDS: dict[int, list[Any]] = {}
 
 
 def weak_keys(mapping: weakref.WeakKeyDictionary[Any, Any]) -> list[Any]:
@@ -206,9 +208,15 @@ def hold_for_fork() -> None:
             held.extend(source())
         except Exception as exc:  # never break os.fork()
             report_internal_error(exc, f"listing connections to hold across fork ({source!r})")
-    _HOLDS[:] = held
+    _HOLDS[threading.get_ident()] = held
 
 
 def release_holds() -> None:
-    """Drop the references `hold_for_fork` took (parent: after fork; child: after the reset)."""
+    """Drop the references `hold_for_fork` took: in the parent, this thread's, right after
+    its fork; in the child (the forking thread is its only thread), all of them."""
+    _HOLDS.pop(threading.get_ident(), None)
+
+
+def release_all_holds() -> None:
+    """The child's release, once every inherited socket is neutralised."""
     _HOLDS.clear()

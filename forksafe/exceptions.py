@@ -33,6 +33,10 @@ class UnsupportedObjectError(ForksafeError, TypeError):
 class ChildDeadlockedError(ForksafeError):
     """A lock held by a thread of the parent at fork time could not be taken in the child.
 
+    Only after a fork no Python hook saw (uWSGI without ``import = forksafe.uwsgi``,
+    ``fork(2)`` through ctypes): the child waited, then replaced the lock. It is logged and
+    listed in `forksafe.internal_errors`, never raised.
+
     .. versionadded:: 0.1
     """
 
