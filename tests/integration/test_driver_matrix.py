@@ -89,6 +89,14 @@ HARM_BY_KIND: dict[tuple[str, str], dict[str, str]] = {
 
 # SQLAlchemy 1.4 has no psycopg 3 dialect (postgresql+psycopg arrived in 2.0).
 SA_HAS_PSYCOPG3 = int(sqlalchemy.__version__.split(".")[0]) >= 2
+if not SA_HAS_PSYCOPG3:
+    # SQLAlchemy 1.4's aiomysql and asyncmy adapters drop a connection by closing its
+    # transport, without COM_QUIT: the session stays on the server, but the transport closed
+    # in the child unregisters the parent's socket from the shared epoll set (measured)
+    HARM_BY_KIND[("aiomysql", "async")] = {
+        "gc": BREAKS, "close": KILLS, "dispose": BREAKS, "use": BREAKS,
+    }
+    HARM_BY_KIND[("asyncmy", "async")] = {"close": KILLS, "dispose": BREAKS}
 
 
 def kinds(driver: str) -> tuple[str, ...]:

@@ -397,7 +397,7 @@ def child(args, url, query: str, write_fd: int) -> None:
             if engine is not None:
                 engine.dispose(close=False)
             if aengine is not None:
-                asyncio.run(aengine.dispose(close=False))
+                aengine.sync_engine.dispose(close=False)  # no I/O; 1.4's AsyncEngine has no close=
             engine = aengine = raw = held = None
             STATE.clear()
             gc.collect()
