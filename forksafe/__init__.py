@@ -108,10 +108,12 @@ def track(
     parent's session. Using a neutralised connection fails at once with the driver's
     "not connected" error. The parent keeps its connections.
 
-    For engines, forksafe also keeps pooled connections alive across idle periods, at no
-    cost to a busy worker: a connection handed out again within ``idle_check`` seconds is
-    not checked at all (one timestamp comparison); one idle longer is pinged first and
-    replaced if dead, and a dead one makes the pool drop every older connection.
+    For engines, forksafe also checks each pooled connection as it is handed out, without a
+    round trip: one zero-timeout ``poll()`` of its socket shows whether the server closed
+    it while idle (``KILL``, a restart, an idle limit), and such a connection is replaced
+    first. One idle at least ``idle_check`` seconds is also pinged (a silent network cut
+    shows nothing in the socket), and a failed ping makes the pool drop every older
+    connection.
 
     Args:
         obj: the engine or connection to protect.
@@ -119,7 +121,8 @@ def track(
             idle at least this many seconds; None never pings. ``0`` pings every time,
             like ``pool_pre_ping``.
         recycle: (engines only) when to replace an idle connection without pinging it:
-            ``"auto"`` (default) asks the server its idle limit on connect (MySQL/MariaDB
+            ``"auto"`` (default) asks the server its idle limit at each connection's first
+            checkout, after the application's connect listeners ran (MySQL/MariaDB
             ``wait_timeout``, PostgreSQL ``idle_session_timeout``) and replaces a
             connection idle for 90% of it; seconds sets that idle limit directly; None
             turns it off. A ``pool_recycle`` you set is never changed (SQLAlchemy applies
