@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from forksafe._sockets import socket_identity
-from forksafe._state import LOCK_TIMEOUT, ForkLock, weak_keys
+from forksafe._state import LOCK_TIMEOUT, ForkLock, weak_items
 from forksafe.drivers import Driver
 
 __all__ = ["LOCK_TIMEOUT", "REGISTRY", "ConnectionEntry", "Registry", "Resettable"]
@@ -61,6 +61,9 @@ class ConnectionEntry:
     owner: Any = None  # the engine adapter that opened it; None for track(conn)
     socket: tuple[int, int] | None = None
     fd: int | None = None
+    #: A weak reference to the SQLAlchemy pool record that holds it, if any: a checked-out
+    #: connection's fairy is held across fork too (its finaliser would use the socket).
+    record: Any = None
 
 
 def record_socket(conn: Any, entry: ConnectionEntry) -> None:
@@ -90,9 +93,21 @@ class Registry:
     def connections_to_hold(self) -> list[Any]:
         """Strong references to every tracked connection (the before-fork hook's list).
 
-        Takes no lock, so that nothing another thread holds can delay a fork.
+        Takes no lock, so that nothing another thread holds can delay a fork. With each
+        connection checked out from a pool goes the pool's wrapper of it (SQLAlchemy's
+        ``_ConnectionFairy``): if only another thread's data referenced that wrapper, the
+        child would free it before any hook runs and its finaliser would roll back or close
+        the connection on the parent's socket.
         """
-        return weak_keys(self._connections)
+        held: list[Any] = []
+        for conn, entry in weak_items(self._connections):
+            held.append(conn)
+            record = entry.record() if entry.record is not None else None
+            fairy_ref = getattr(record, "fairy_ref", None)
+            fairy = fairy_ref() if callable(fairy_ref) else None
+            if fairy is not None:
+                held.append(fairy)
+        return held
 
     # -- connections ---------------------------------------------------------------------
     def add_connection(self, conn: Any, entry: ConnectionEntry) -> None:

@@ -49,6 +49,7 @@ __all__ = [
     "release_all_holds",
     "release_holds",
     "report_internal_error",
+    "weak_items",
     "weak_keys",
 ]
 
@@ -192,6 +193,12 @@ def weak_keys(mapping: weakref.WeakKeyDictionary[Any, Any]) -> list[Any]:
     """
     refs: dict[Any, Any] = vars(mapping)["data"]
     return [key for ref in refs.copy() if (key := ref()) is not None]
+
+
+def weak_items(mapping: weakref.WeakKeyDictionary[Any, Any]) -> list[tuple[Any, Any]]:
+    """The live items of a ``WeakKeyDictionary``, like `weak_keys`."""
+    refs: dict[Any, Any] = vars(mapping)["data"]
+    return [(key, value) for ref, value in refs.copy().items() if (key := ref()) is not None]
 
 
 def register_hold_source(source: Callable[[], Iterable[Any]]) -> None:

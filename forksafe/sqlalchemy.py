@@ -410,7 +410,8 @@ class EngineAdapter:
         elif driver is not None:
             REGISTRY.add_connection(
                 conn,
-                ConnectionEntry(driver=driver, pid=_getpid(), origin=self._origin, owner=self),
+                ConnectionEntry(driver=driver, pid=_getpid(), origin=self._origin, owner=self,
+                                record=weakref.ref(record)),
             )
             try:
                 fd = driver.socket_fd(conn)
