@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import time
 from typing import Any
 
 import MySQLdb
@@ -75,21 +74,32 @@ def test_backoff_is_bounded_and_grows() -> None:
             assert ceiling * 0.5 <= policy.delay(n) <= ceiling
 
 
-def test_timeout_stops_retrying() -> None:
-    """No new attempt starts after ``timeout`` seconds, even with attempts left."""
+def test_timeout_stops_retrying(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No new attempt starts after ``timeout`` seconds, even with attempts left.
+
+    The clock is the policy's own (``time.monotonic`` and ``time.sleep`` in forksafe.retry),
+    replaced by a fake one so that the machine's speed cannot change the count."""
+    import forksafe.retry as retry_module
+
+    now = [1000.0]
+    monkeypatch.setattr(retry_module.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(
+        retry_module.time, "sleep", lambda seconds: now.__setitem__(0, now[0] + seconds)
+    )
     calls = []
-    start = time.monotonic()
 
     def run() -> None:
         for attempt in retrying(attempts=1000, backoff=0.05, max_backoff=0.05, timeout=0.3):
             with attempt:
-                calls.append(1)
+                calls.append(now[0])
                 raise MySQLdb.OperationalError(2006, "gone away")
 
     with pytest.raises(MySQLdb.OperationalError):
         run()
-    assert time.monotonic() - start < 2.0
-    assert 2 <= len(calls) < 20
+    # pauses of 25-50 ms (jitter); a retry is decided while less than 0.3 s have passed, so
+    # 7 to 13 attempts, and the last one starts at most one pause after the timeout
+    assert 7 <= len(calls) <= 13
+    assert calls[-1] - calls[0] < 0.3 + 0.05
 
 
 def test_before_retry_runs_between_attempts() -> None:
