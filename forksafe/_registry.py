@@ -111,10 +111,15 @@ class Registry:
 
     # -- connections ---------------------------------------------------------------------
     def add_connection(self, conn: Any, entry: ConnectionEntry) -> None:
-        """Track ``conn`` (weakly). A second add keeps the first entry."""
+        """Track ``conn`` (weakly). A second add keeps the first entry, but gives it the
+        pool record of the second if it had none: ``instrument()`` records a connection
+        when the driver makes it, before the pool that opened it does, and without the
+        record its checked-out wrapper would not be held across fork."""
         record_socket(conn, entry)
         with self._lock:
-            self._connections.setdefault(conn, entry)
+            kept = self._connections.setdefault(conn, entry)
+            if kept.record is None:
+                kept.record = entry.record
 
     def discard_connection(self, conn: Any) -> bool:
         """Stop tracking ``conn``; return whether it was tracked."""

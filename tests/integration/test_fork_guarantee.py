@@ -115,18 +115,22 @@ def run_thread_scenario(server: Any, *, hold: str, fork: str) -> dict:
 
 
 @pytest.mark.parametrize("fork", ["os", "multiprocessing"])
-@pytest.mark.parametrize("hold", ["local", "process_local", "instrument", "engine"])
+@pytest.mark.parametrize(
+    "hold", ["local", "process_local", "instrument", "engine", "instrumented_engine"]
+)
 def test_connection_held_by_another_thread_survives_fork(
     mariadb: Any, hold: str, fork: str
 ) -> None:
     """A connection only a worker thread references (a ``threading.local``, a per-thread
-    ``ProcessLocal``, instrumented, or a tracked engine's connection checked out inside a
-    transaction) survives a fork made by the main thread.
+    ``ProcessLocal``, instrumented, a tracked engine's connection checked out inside a
+    transaction, or an instrumented engine's checked-out connection) survives a fork made by
+    the main thread, and the child sends nothing on it.
 
     In the child, CPython frees the other threads' state before any at-fork hook runs, so
-    the connection is finalised there (mysqlclient sends COM_QUIT) unless forksafe holds it
-    across the fork. The control, nothing tracked, shows the server's ``Quit`` and the
-    worker's 2013.
+    the connection is finalised there (mysqlclient sends COM_QUIT; a checked-out engine
+    connection's pool wrapper rolls back: ``ROLLBACK`` in the worker's session, its
+    transaction gone) unless forksafe holds it across the fork. The control, nothing
+    tracked, shows the server's ``Quit`` and the worker's 2013.
     """
     bare = run_thread_scenario(mariadb, hold="none", fork=fork)
     assert mariadb.quit_logged(bare["before_id"]), "control: the child did not quit"
@@ -136,8 +140,27 @@ def test_connection_held_by_another_thread_survives_fork(
     assert "error" not in safe, safe
     assert safe["after_id"] == safe["before_id"], safe
     assert not mariadb.quit_logged(safe["before_id"]), "a Quit reached the worker's session"
+    # the worker's two queries and nothing in between (a child's ROLLBACK, say)
+    assert _logged_since_first_id(mariadb, safe["before_id"]) == [SESSION_QUERY], safe
     assert safe["child_status"] == 0
     assert safe["internal_errors"] == []
+
+
+SESSION_QUERY = "SELECT CONNECTION_ID()"
+
+
+def _logged_since_first_id(server: Any, connection_id: int) -> list[str]:
+    """What the server's general log shows session ``connection_id`` sent after its first
+    ``SELECT CONNECTION_ID()``."""
+    sent: list[str] = []
+    for line in server.general_log().splitlines():
+        fields = line.split("\t")
+        # "<time>\t    12 Query\tSELECT 1" or "\t\t    12 Query\tSELECT 1"
+        head = fields[-2].split() if len(fields) >= 2 else []
+        if head[:1] == [str(connection_id)]:
+            sent.append(" ".join(head[1:] + [fields[-1].strip()]).removeprefix("Query "))
+    first = sent.index(SESSION_QUERY) if SESSION_QUERY in sent else len(sent)
+    return sent[first + 1:]
 
 
 STALE_SCRIPT = Path(__file__).parent / "scripts" / "stale_fd_scenario.py"
@@ -299,18 +322,6 @@ def run_property(mariadb: Any, postgres: Any, seed: int, *, control: bool = Fals
     return report
 
 
-def _sqlalchemy_14() -> bool:
-    import sqlalchemy
-
-    return sqlalchemy.__version__.startswith("1.")
-
-
-@pytest.mark.xfail(
-    _sqlalchemy_14(), strict=False,
-    reason="known open case: on SQLAlchemy 1.4, engine connections checked out by worker "
-    "threads can lose their session when another thread forks (2013 in the parent); "
-    "raw connections and SQLAlchemy 2.x are covered",
-)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_forks_while_threads_use_connections_lose_nothing(
     mariadb: Any, postgres: Any, seed: int

@@ -9,6 +9,9 @@ worker uses its connection again. ``--hold`` says where the worker keeps it:
 * ``instrument``: a ``threading.local``, with ``forksafe.instrument()`` on (no track call);
 * ``engine``: a ``threading.local`` holding a checked-out ``Connection`` of a tracked
   engine, inside a transaction;
+* ``instrumented_engine``: the same with ``forksafe.instrument()`` on and no track call
+  (instrument() records the DBAPI connection when the driver makes it, before the pool
+  does);
 * ``none``: a ``threading.local``, nothing tracked (the control: the child kills it).
 
 Every step waits for a signal from the other thread; nothing is timed. Prints one JSON
@@ -31,7 +34,7 @@ import forksafe
 parser = argparse.ArgumentParser()
 parser.add_argument("--port", type=int, required=True)
 parser.add_argument("--hold", choices=["local", "process_local", "instrument", "engine",
-                                       "none"])
+                                       "instrumented_engine", "none"])
 parser.add_argument("--fork", choices=["os", "multiprocessing"], default="os")
 args = parser.parse_args()
 
@@ -50,7 +53,7 @@ def session_id(conn: MySQLdb.connections.Connection) -> int:
     return int(cid)
 
 
-if args.hold == "instrument":
+if args.hold in ("instrument", "instrumented_engine"):
     forksafe.instrument()
 local = threading.local()
 per_thread = forksafe.ProcessLocal(connect, per_thread=True)
@@ -64,20 +67,22 @@ report: dict = {}
 def get() -> MySQLdb.connections.Connection:
     if args.hold == "process_local":
         return per_thread.get()
-    if args.hold == "engine":  # a checked-out engine connection: its DBAPI connection
+    if args.hold in ("engine", "instrumented_engine"):  # a checked-out engine connection
         return local.sa.connection.dbapi_connection
     return local.conn  # type: ignore[no-any-return]
 
 
 def worker() -> None:
     try:
-        if args.hold == "engine":
+        if args.hold in ("engine", "instrumented_engine"):
             from sqlalchemy import create_engine
 
-            engine = forksafe.track(create_engine(
-                f"mysql+mysqldb://root@127.0.0.1:{args.port}/", pool_size=1))
+            engine = create_engine(f"mysql+mysqldb://root@127.0.0.1:{args.port}/", pool_size=1)
+            if args.hold == "engine":
+                forksafe.track(engine)
             local.sa = engine.connect()
-            local.sa.begin()
+            if args.hold == "engine":
+                local.sa.begin()
         elif args.hold != "process_local":
             local.conn = connect()
             if args.hold == "local":
