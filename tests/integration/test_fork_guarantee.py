@@ -158,7 +158,7 @@ def _logged_since_first_id(server: Any, connection_id: int) -> list[str]:
         # "<time>\t    12 Query\tSELECT 1" or "\t\t    12 Query\tSELECT 1"
         head = fields[-2].split() if len(fields) >= 2 else []
         if head[:1] == [str(connection_id)]:
-            sent.append(" ".join(head[1:] + [fields[-1].strip()]).removeprefix("Query "))
+            sent.append(" ".join([*head[1:], fields[-1].strip()]).removeprefix("Query "))
     first = sent.index(SESSION_QUERY) if SESSION_QUERY in sent else len(sent)
     return sent[first + 1:]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -64,3 +65,41 @@ class RegistryMachine(RuleBasedStateMachine):
 
 TestRegistry = RegistryMachine.TestCase
 TestRegistry.settings = settings(max_examples=25, stateful_step_count=20, deadline=None)
+
+
+class _NoSocketDriver:
+    """Enough of a `forksafe.drivers.Driver` for the registry: no socket to record."""
+
+    name = "none"
+
+    def socket_fd(self, conn: object) -> None:
+        return None
+
+
+class _Conn:
+    """A weak-referenceable stand-in for a DBAPI connection."""
+
+
+def test_a_second_add_gives_the_kept_entry_its_pool_record() -> None:
+    """instrument() records a connection (no pool record) before the engine's pool does:
+    the first entry is kept, but learns the record, so the fork hold can find the pool's
+    wrapper of a checked-out connection."""
+    from typing import Any
+
+    from forksafe._registry import ConnectionEntry, Registry
+
+    registry = Registry()
+    conn, record, other = _Conn(), _Conn(), _Conn()
+    driver: Any = _NoSocketDriver()
+    first = ConnectionEntry(driver=driver, pid=1, origin="instrument")
+    registry.add_connection(conn, first)
+    registry.add_connection(conn, ConnectionEntry(driver=driver, pid=1, origin="engine",
+                                                  record=weakref.ref(record)))
+    kept = registry.connection_entry(conn)
+    assert kept is first
+    assert kept.record is not None
+    assert kept.record() is record
+    # a record already known is not replaced
+    registry.add_connection(conn, ConnectionEntry(driver=driver, pid=1, origin="engine",
+                                                  record=weakref.ref(other)))
+    assert kept.record() is record
