@@ -134,21 +134,21 @@ def _child_check() -> None:
     for obj, description in found:
         action = _protect(obj)
         message = (
-            f"forksafe: pid {pid} inherited a {description} that nobody tracked; {action}. "
+            f"pid {pid} inherited a {description} that nobody tracked; {action}. "
             "Track it with forksafe.track(), or create it after the fork."
         )
-        logger.warning("%s", message)
+        logger.warning("%s", message)  # the logger's name already says forksafe
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", ForkSafetyWarning)
-                warnings.warn(message, ForkSafetyWarning, stacklevel=2)
+                warnings.warn(f"forksafe: {message}", ForkSafetyWarning, stacklevel=2)
         except Exception as exc:  # warnings configured as errors: never raise at fork time
             _fork.report_internal_error(exc, "warning about an untracked connection")
         if CONFIG.strict:
             _strict.PENDING.append(description)
             _strict.poison(obj, description)
     if found:
-        logger.debug("forksafe: untracked-connection check took %.1f ms",
+        logger.debug("untracked-connection check took %.1f ms",
                      (time.perf_counter() - started) * 1000)
 
 

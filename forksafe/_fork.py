@@ -170,7 +170,7 @@ def _reset(pid: int) -> None:
     _run_child_callbacks(AFTER_RESET)
     if inherited or engines:
         logger.debug(
-            "forksafe: pid %d reset %d engine(s), neutralised %d of %d inherited "
+            "pid %d reset %d engine(s), neutralised %d of %d inherited "
             "connection(s) (the others had no open socket)",
             pid,
             len(engines),
@@ -251,7 +251,7 @@ def _neutralise_recorded(entry: ConnectionEntry | None, name: str, exc: Exceptio
         return False
     # mysqlclient, for one, refuses fileno() on a connection that another thread was using
     # when the process forked; that thread does not exist here.
-    logger.warning("forksafe: pid %d: the %s driver could not tell an inherited connection's "
+    logger.warning("pid %d: the %s driver could not tell an inherited connection's "
                    "socket (%r); neutralised descriptor %d, recorded when it was tracked and "
                    "still the same socket", os.getpid(), name, exc, recorded)
     return _sockets.neutralise_fd(recorded)

@@ -502,7 +502,7 @@ class EngineAdapter:
             invalidate_pool = reason is not None
         if reason is None:
             return
-        logger.debug("forksafe: %s: replacing a pooled connection before use: %s",
+        logger.debug("%s: replacing a pooled connection before use: %s",
                      self._origin, reason)
         if invalidate_pool:
             # A silent failure of an idle connection usually means a restart or a cut:
@@ -525,7 +525,7 @@ class EngineAdapter:
             limit = server_idle_limit(self._dialect.name, conn)
         except Exception as err:  # never fail a checkout over an optimisation
             # (server_idle_limit leaves the connection as it found it, even when it fails)
-            logger.debug("forksafe: %s: could not read the server's idle limit: %r",
+            logger.debug("%s: could not read the server's idle limit: %r",
                          self._origin, err)
             return
         if limit is None:
@@ -536,7 +536,7 @@ class EngineAdapter:
         state.retire = retire
         if limit not in self._limits_logged and len(self._limits_logged) < 16:
             self._limits_logged.add(limit)
-            logger.debug("forksafe: %s: the server closes connections idle %gs; forksafe "
+            logger.debug("%s: the server closes connections idle %gs; forksafe "
                          "replaces them after %gs idle", self._origin, limit, retire)
 
     # -- fork ------------------------------------------------------------------------------
