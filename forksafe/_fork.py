@@ -245,9 +245,17 @@ def _neutralise_recorded(entry: ConnectionEntry | None, name: str, exc: Exceptio
     """The driver could not tell the socket: use the descriptor recorded at track time if it
     is provably still the same socket, else report the failure."""
     recorded = entry.fd if entry is not None else None
-    if entry is None or recorded is None or _sockets.socket_identity(recorded) != entry.socket:
+    if entry is None or recorded is None or entry.socket is None:
         report_internal_error(exc, f"finding the socket of an inherited {name} connection "
                                    "(it is kept alive, never closed)")
+        return False
+    if _sockets.socket_identity(recorded) != entry.socket:
+        # The socket recorded at track time is gone (a thread of the parent was closing the
+        # connection as the process forked, or the server dropped it): nothing of this
+        # connection is shared any more, and the number may belong to something else now.
+        logger.warning("pid %d: the %s driver could not tell an inherited connection's "
+                       "socket (%r), and the descriptor %d recorded when it was tracked is no "
+                       "longer that socket: left alone", os.getpid(), name, exc, recorded)
         return False
     # mysqlclient, for one, refuses fileno() on a connection that another thread was using
     # when the process forked; that thread does not exist here.
