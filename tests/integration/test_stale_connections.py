@@ -19,6 +19,8 @@ from sqlalchemy import create_engine, event, exc, text
 import forksafe
 from forksafe.testing.proxy import FaultProxy
 from tests.conftest import start_mariadb
+from tests.integration import _liveness
+from tests.integration._liveness import POOLED, concurrent_requests, count_pings, wait_until
 
 pytestmark = [pytest.mark.mariadb]
 
@@ -33,19 +35,6 @@ def server() -> Iterator[Any]:
     server = start_mariadb()
     yield server
     server.cleanup()
-
-
-def count_pings(engine: Any) -> list[int]:
-    """Count the dialect's liveness pings on ``engine`` (the real ping still runs)."""
-    pings: list[int] = []
-    original = engine.dialect.do_ping
-
-    def counting(dbapi_connection: Any) -> bool:
-        pings.append(1)
-        return bool(original(dbapi_connection))
-
-    engine.dialect.do_ping = counting
-    return pings
 
 
 def test_wait_timeout_shorter_than_idle_gaps(short_timeout: Any) -> None:
@@ -223,7 +212,6 @@ def test_read_survives_a_restart(server: Any) -> None:
 
 
 # -- liveness at checkout: a session the server closed while idle ------------------------------
-POOLED = 4
 
 
 @pytest.fixture(scope="module")
@@ -234,39 +222,8 @@ def liveness_server() -> Iterator[Any]:
     server.cleanup()
 
 
-def wait_until(condition: Any, what: str, timeout: float = 60.0) -> None:
-    """Poll ``condition()`` until it is true; fail naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout:.0f}s waiting until {what}")
-        time.sleep(0.05)
-
-
 def open_pooled(engine: Any, n: int = POOLED) -> list[int]:
-    """Open ``n`` connections at once, use each, return them all: ``n`` idle in the pool."""
-    conns = [engine.connect() for _ in range(n)]
-    try:
-        return [int(c.execute(text("SELECT CONNECTION_ID()")).scalar()) for c in conns]
-    finally:
-        for conn in conns:
-            conn.close()
-
-
-def concurrent_requests(engine: Any, n: int = POOLED) -> int:
-    """``n`` requests at once (each checks out a connection, then queries); the failures."""
-    failures = 0
-    conns = [engine.connect() for _ in range(n)]
-    try:
-        for conn in conns:
-            try:
-                conn.execute(text("SELECT 1")).scalar()
-            except exc.OperationalError:
-                failures += 1
-    finally:
-        for conn in conns:
-            conn.close()
-    return failures
+    return _liveness.open_pooled(engine, "SELECT CONNECTION_ID()", n)
 
 
 def server_sessions(server: Any) -> set[int]:

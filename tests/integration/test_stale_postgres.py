@@ -13,6 +13,8 @@ from sqlalchemy import create_engine, event, exc, text
 
 import forksafe
 from tests.conftest import start_private
+from tests.integration import _liveness
+from tests.integration._liveness import POOLED, concurrent_requests, count_pings, wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -66,7 +68,6 @@ def test_idle_session_timeout_is_learned_and_respected(
 
 
 # -- liveness at checkout: a session the server closed while idle ------------------------------
-POOLED = 4
 SA2 = int(sqlalchemy.__version__.split(".")[0]) >= 2
 DRIVERS = ["psycopg2", pytest.param("psycopg", marks=pytest.mark.skipif(
     not SA2, reason="SQLAlchemy 1.4 has no psycopg 3 dialect"))]
@@ -82,48 +83,8 @@ def pg_liveness() -> Iterator[Any]:
     server.cleanup()
 
 
-def count_pings(engine: Any) -> list[int]:
-    pings: list[int] = []
-    original = engine.dialect.do_ping
-
-    def counting(dbapi_connection: Any) -> bool:
-        pings.append(1)
-        return bool(original(dbapi_connection))
-
-    engine.dialect.do_ping = counting
-    return pings
-
-
-def wait_until(condition: Any, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout:.0f}s waiting until {what}")
-        time.sleep(0.05)
-
-
 def open_pooled(engine: Any) -> list[int]:
-    conns = [engine.connect() for _ in range(POOLED)]
-    try:
-        return [int(c.execute(text("SELECT pg_backend_pid()")).scalar()) for c in conns]
-    finally:
-        for conn in conns:
-            conn.close()
-
-
-def concurrent_requests(engine: Any) -> int:
-    failures = 0
-    conns = [engine.connect() for _ in range(POOLED)]
-    try:
-        for conn in conns:
-            try:
-                conn.execute(text("SELECT 1")).scalar()
-            except exc.OperationalError:
-                failures += 1
-    finally:
-        for conn in conns:
-            conn.close()
-    return failures
+    return _liveness.open_pooled(engine, "SELECT pg_backend_pid()")
 
 
 def backends(server: Any) -> set[int]:
