@@ -333,7 +333,9 @@ def test_forks_while_threads_use_connections_lose_nothing(
     and again while worker threads open, use, hold and close raw and engine connections of
     all four drivers, through track(), instrument() and error reporting. No child hangs or
     reports an internal error, no worker loses its session, nothing is reported in the
-    parent. The control (seed 0 without forksafe) loses sessions."""
+    parent. The control (seed 0 without forksafe) always loses the sentinel thread's
+    session (a raw connection held in a ``threading.local`` across every fork); what else it
+    loses depends on the interleaving and is not asserted."""
     report = run_property(mariadb, postgres, seed)
     assert report["children"] == [0] * len(report["children"]), report
     assert report["problems"] == [], report["problems"]
@@ -341,4 +343,4 @@ def test_forks_while_threads_use_connections_lose_nothing(
     assert report["internal_errors"] == []
     if seed == 0:
         control = run_property(mariadb, postgres, seed, control=True)
-        assert control["problems"] or any(c != 0 for c in control["children"]), control
+        assert any(p.startswith("sentinel:") for p in control["problems"]), control

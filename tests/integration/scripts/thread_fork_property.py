@@ -12,9 +12,11 @@ and use a connection of its own from a tracked engine. The parent waits for each
 Properties (printed as one JSON object): no child hangs or fails (each reports its own
 ``forksafe.internal_errors()``, which must be empty), no worker ever sees another session
 id or an error on a connection it holds (the parent lost no session), and the parent's
-``internal_errors()`` stays empty. ``--control`` runs the same without forksafe (the
-parent then loses sessions). Nothing is timed: threads start and stop on events; a
-wait that runs out is a failure, reported as such.
+``internal_errors()`` stays empty. ``--control`` runs the same without forksafe: the
+parent then loses sessions, always the sentinel's (a thread holding one connection
+throughout; see ``sentinel``), and workers' sessions or whole workers (a worker blocked on
+a reply a child read) as the interleaving happens to fall. Nothing is timed: threads start
+and stop on events; a wait that runs out is a failure, reported as such.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import random
 import select
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -115,7 +118,7 @@ class Held:
 
 local = threading.local()
 stop = threading.Event()
-started = threading.Barrier(args.threads + 1)
+started = threading.Barrier(args.threads + 2)  # workers, sentinel, main
 problems: list[str] = []
 steps = [0] * args.threads
 progress = threading.Condition()  # workers notify after each step
@@ -163,6 +166,24 @@ def worker(n: int) -> None:
             progress.notify_all()
 
 
+def sentinel() -> None:
+    """Holds one raw mysqlclient connection, referenced only by this thread's
+    ``threading.local``, from before the first fork to the end, using it only then: the
+    deterministic case of the run. Without forksafe the first child finalises it (CPython
+    frees the other threads' state in a child; mysqlclient sends COM_QUIT), so the control
+    always loses this session, whatever the workers happened to hold at each fork."""
+    try:
+        local.held = [Held("mysqldb", "raw", raw_connect("mysqldb"))]
+        started.wait(WAIT)
+        stop.wait()
+        (held,) = local.held
+        now = held.query()
+        if now != held.session:
+            problems.append(f"sentinel: session {held.session} became {now}")
+    except Exception:
+        problems.append(f"sentinel: {traceback.format_exc()}")
+
+
 def child(rng: random.Random) -> int:
     """What a child does; returns its exit status (0: fine)."""
     try:
@@ -194,6 +215,7 @@ def wait_child(pid: int, done_fd: int) -> int | None:
 
 
 threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(args.threads)]
+threads.append(threading.Thread(target=sentinel, daemon=True))
 for t in threads:
     t.start()
 started.wait(WAIT)
@@ -214,8 +236,9 @@ for _ in range(args.forks):
     children.append(wait_child(pid, read_fd))
     os.close(read_fd)
 stop.set()
+deadline = time.monotonic() + WAIT  # one bound for all: a hung worker is reported, not waited for
 for t in threads:
-    t.join(WAIT)
+    t.join(max(0.0, deadline - time.monotonic()))
 report = {
     "children": children,
     "problems": problems,
