@@ -69,8 +69,8 @@ def run_parallel_tests(
         # session it would query (the pool without forksafe), which could hang the parent
         "RUNNER_PROBE_PARENT": "0" if pool and not protect else "1",
         # where workers share sessions, a client can wait for a reply another process read:
-        # the server ends a session idle for 2 s, so such a wait ends in an error
-        "RUNNER_IDLE_TIMEOUT": "2000" if pool and not protect else "",
+        # the server ends a session idle for 5 s, so such a wait ends in an error
+        "RUNNER_IDLE_TIMEOUT": "5000" if pool and not protect else "",
         "PYTHONPATH": str(PROJECT),
     }
     proc = subprocess.Popen(
