@@ -249,8 +249,12 @@ def test_examples_when_every_worker_loads_them(mariadb: Any, example: str, serve
                 problems = hammer(pyramid_check(base))
     finally:
         mariadb.execute(f"DROP DATABASE IF EXISTS {database}", database="")
-    text = "\n".join(log)
     assert problems == [], problems[:10]
+    # Judge the log up to the stop signal: a worker still importing the app on a busy machine
+    # when the test stops the server prints the KeyboardInterrupt our SIGINT caused.
+    text = "\n".join(log)
+    for stop in ("SIGINT/SIGTERM received", "Handling signal: int"):
+        text = text.split(stop)[0]
     for bad in ("Traceback", "1050", "1213", "Worker failed to boot", "Deadlock"):
         assert bad not in text, text[-3000:]
 

@@ -36,7 +36,7 @@ def run_scenario(server: Any, *, kind: str, action: str, protect: bool, **extra:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, f"scenario crashed: {done.stderr[-2000:]}"
     report: dict = json.loads(done.stdout)
-    report["stderr"] = done.stderr[-3000:]  # what a failing child wrote, for the message
+    report["stderr"] = done.stderr[-8000:]  # what a failing child wrote, for the message
     return report
 
 
@@ -112,7 +112,7 @@ def run_thread_scenario(server: Any, *, hold: str, fork: str) -> dict:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, f"scenario crashed: {done.stderr[-2000:]}"
     report: dict = json.loads(done.stdout)
-    report["stderr"] = done.stderr[-3000:]  # what a failing child wrote, for the message
+    report["stderr"] = done.stderr[-8000:]  # what a failing child wrote, for the message
     return report
 
 
@@ -321,7 +321,7 @@ def run_property(mariadb: Any, postgres: Any, seed: int, *, control: bool = Fals
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, f"property run crashed: {done.stderr[-3000:]}"
     report: dict = json.loads(done.stdout)
-    report["stderr"] = done.stderr[-3000:]  # what a failing child wrote, for the message
+    report["stderr"] = done.stderr[-8000:]  # what a failing child wrote, for the message
     return report
 
 

@@ -22,11 +22,13 @@ and stop on events; a wait that runs out is a failure, reported as such.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import json
 import os
 import random
 import select
+import signal
 import threading
 import time
 import traceback
@@ -46,6 +48,7 @@ parser.add_argument("--control", action="store_true",
 args = parser.parse_args()
 
 WAIT = 120.0
+faulthandler.enable()  # a child stuck past WAIT gets SIGABRT: its stacks go to stderr
 if not args.control:
     forksafe.instrument()
 
@@ -188,10 +191,11 @@ def child(rng: random.Random) -> int:
     """What a child does; returns its exit status (0: fine)."""
     try:
         what = rng.choice(["exit", "gc", "use"])
+        driver = rng.choice(sorted(ENGINES)) if what == "use" else ""
+        os.write(2, f"child {os.getpid()}: {what} {driver}\n".encode())  # for a failure report
         if what == "gc":
             gc.collect()
         elif what == "use":
-            driver = rng.choice(sorted(ENGINES))
             with ENGINES[driver].connect() as conn:
                 conn.execute(text("SELECT 1"))
         if forksafe.internal_errors():
@@ -204,10 +208,13 @@ def child(rng: random.Random) -> int:
 
 
 def wait_child(pid: int, done_fd: int) -> int | None:
-    """The child's exit status, or None if it did not finish within WAIT (then killed)."""
+    """The child's exit status, or None if it did not finish within WAIT (then killed,
+    after SIGABRT has made faulthandler write where it was stuck to the captured stderr)."""
     ready, _, _ = select.select([done_fd], [], [], WAIT)
     if not ready:
-        os.kill(pid, 9)
+        os.kill(pid, signal.SIGABRT)
+        if not select.select([done_fd], [], [], WAIT)[0]:
+            os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         return None
     _, status = os.waitpid(pid, 0)
