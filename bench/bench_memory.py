@@ -10,17 +10,23 @@ mode:
   fork (gunicorn ``preload_app = True`` with ``from forksafe.gunicorn import post_fork,
   pre_fork``; uWSGI without ``lazy-apps``, ``--import forksafe.uwsgi``), the engine tracked
   by forksafe, ``FORKSAFE_GC_FREEZE=0``;
-* **preload + forksafe**: the same with forksafe's defaults: its hooks ``gc.freeze()``
-  before the workers' first collection (see forksafe/_gc_freeze.py);
-* **preload + forksafe + warm-up** (``--modes`` adds it; not in the default run): the app
-  also answers a few requests in the master before the fork (``BENCH_WARMUP=1``).
+* **preload + forksafe**: the same with forksafe's defaults: its hooks disable the
+  collector in the master while the app loads and ``gc.freeze()`` before the workers'
+  first collection (see forksafe/_gc_freeze.py);
+* ``--modes`` adds, not in the default run: **freeze only** (the collector enabled again
+  first thing in the app, ``BENCH_GC_ENABLE=1``: ``gc.freeze()`` without the disabled
+  load), **collect** (``gc.collect()`` once the app is loaded, just before the freeze,
+  ``BENCH_GC_COLLECT=1``) and **warm-up** (the app also answers a few requests in the
+  master before the fork, ``BENCH_WARMUP=1``); see bench/apps/_gc_variant.py.
 
 Each server is measured fresh (every worker has answered one request), then after ``wrk``
 has sent about 800 and then 4,000 requests per worker (``--points``) to an endpoint that
 queries the database through SQLAlchemy: the Flask example's ``/products/<id>.json``, the
 heavier app's ``/items/<id>`` (ORM ``Session``). Every response names its worker's pid
 (``X-Pid``); bench/wrk_memory.lua counts them, and the tables give the fewest and most
-requests a worker served, so an uneven spread shows. Memory is read from
+requests a worker served, so an uneven spread shows; "master MiB" is the RSS of the
+master alone (what the app costs it, garbage not collected during the load included).
+Memory is read from
 ``/proc/PID/smaps_rollup`` of the master and all its children: total PSS (private pages
 plus a fair share of shared ones) and USS (private pages). The ratios are PSS of each
 preloaded mode over lazy, at each point; requests/s is wrk's over the whole traffic of a
@@ -61,16 +67,27 @@ APPS = {"flask": "flask_bench:application", "heavy": "heavy_app:application"}
 TRAFFIC = {"flask": ("/products/%d.json", 5000), "heavy": ("/items/%d", 2000)}
 LAZY = "lazy"
 NO_FREEZE = "preload + forksafe, no freeze"
+FREEZE_ONLY = "preload + forksafe, freeze only"
 FREEZE = "preload + forksafe"
+COLLECT = "preload + forksafe + gc.collect()"
 WARM = "preload + forksafe + warm-up"
 #: mode -> (preload and forksafe's hooks, extra environment)
 MODES: dict[str, tuple[bool, dict[str, str]]] = {
     LAZY: (False, {"BENCH_FORKSAFE": "0"}),
     NO_FREEZE: (True, {"FORKSAFE_GC_FREEZE": "0"}),
+    FREEZE_ONLY: (True, {"BENCH_GC_ENABLE": "1"}),
     FREEZE: (True, {}),
+    COLLECT: (True, {"BENCH_GC_COLLECT": "1"}),
     WARM: (True, {"BENCH_WARMUP": "1"}),
 }
-SHORT = {LAZY: "lazy", NO_FREEZE: "no freeze", FREEZE: "forksafe", WARM: "warm-up"}
+SHORT = {
+    LAZY: "lazy",
+    NO_FREEZE: "no freeze",
+    FREEZE_ONLY: "freeze only",
+    FREEZE: "forksafe",
+    COLLECT: "collect",
+    WARM: "warm-up",
+}
 
 
 def _wrk(base: str, app: str, seconds: float, limit: int, workers: int) -> dict[str, object]:
@@ -187,17 +204,25 @@ def measure(
                 failed += int(result["failed"])  # type: ignore[call-overload]
                 sent = point
             uss, pss, procs = memory(running.pid)
+            master_rss = _rss(running.pid)
             counts = sorted(served.values()) or [0]
             rows.append({
                 "app": app, "server": server, "workers": workers, "mode": mode,
                 "point": point, "startup": startup, "uss": uss, "pss": pss, "procs": procs,
                 "pids": len(served), "min_req": counts[0] if len(served) >= workers else 0,
-                "max_req": counts[-1], "failed": failed,
+                "max_req": counts[-1], "failed": failed, "master": master_rss,
             })  # fmt: skip
     rps = timed / busy if busy else 0.0  # 0: too few requests to time (--quick)
     for row in rows:
         row["rps"] = rps  # one figure per server run: all its traffic
     return rows
+
+
+def _rss(pid: int) -> float:
+    """The resident set of one process in MiB."""
+    import psutil
+
+    return float(psutil.Process(pid).memory_info().rss) / 2**20
 
 
 def _ratio(value: object, base: object) -> str:
@@ -220,8 +245,15 @@ def plot(results: list[dict[str, object]], path: str) -> None:
     columns = 2 if len(panels) > 2 else len(panels)
     rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(6.0 * columns, 4.0 * rows), squeeze=False)
-    styles = {LAZY: "-", NO_FREEZE: ":", FREEZE: "--", WARM: "-."}
-    colours = {LAZY: "tab:blue", NO_FREEZE: "tab:orange", FREEZE: "tab:green", WARM: "tab:red"}
+    styles = {LAZY: "-", NO_FREEZE: ":", FREEZE_ONLY: ":", FREEZE: "--", COLLECT: "--", WARM: "-."}
+    colours = {
+        LAZY: "tab:blue",
+        NO_FREEZE: "tab:orange",
+        FREEZE_ONLY: "tab:brown",
+        FREEZE: "tab:green",
+        COLLECT: "tab:purple",
+        WARM: "tab:red",
+    }
     for ax, (app, server) in zip(axes.flat, panels, strict=False):
         for mode in MODES:
             rows = [r for r in results if (r["app"], r["server"], r["mode"]) == (app, server, mode)]
@@ -264,12 +296,12 @@ def report(
     for app in apps:
         print_table(
             f"memory and start-up, {app}",
-            ["server", "mode", "req/worker", "min", "max", "PSS MiB", "USS MiB", "req/s",
-             "failed", "start s"],
+            ["server", "mode", "req/worker", "min", "max", "PSS MiB", "USS MiB",
+             "master MiB", "req/s", "failed", "start s"],
             [
                 [r["server"], SHORT[str(r["mode"])], r["point"], r["min_req"], r["max_req"],
-                 f"{r['pss']:.0f}", f"{r['uss']:.0f}", f"{r['rps']:.0f}", r["failed"],
-                 f"{r['startup']:.2f}"]
+                 f"{r['pss']:.0f}", f"{r['uss']:.0f}", f"{float(str(r.get('master', 0))):.0f}",
+                 f"{r['rps']:.0f}", r["failed"], f"{r['startup']:.2f}"]
                 for r in results if r["app"] == app
             ],
         )  # fmt: skip

@@ -6,10 +6,15 @@ before the fork (gunicorn ``preload_app``, uWSGI without ``lazy-apps``) or in ev
 0.2 s), so that concurrent requests reach every worker; every response carries ``X-Pid``;
 everything else goes to the example. The example reads ``DATABASE_URL`` and the
 ``BENCH_POOL`` / ``BENCH_FORKSAFE`` knobs; ``BENCH_WARMUP=1`` sends a few requests through
-the app at import (in the master, when preloaded).
+the app at import (in the master, when preloaded); bench/apps/_gc_variant.py holds the
+collector variants.
 """
 
 from __future__ import annotations
+
+import _gc_variant  # first, before anything else is imported
+
+# isort: split
 
 import os
 
@@ -24,3 +29,5 @@ if os.environ.get("BENCH_WARMUP") == "1":
     from forksafe.preload import warm_up
 
     warm_up(application, ["/products/1.json", "/products/2.json", "/products?page=1"])
+
+_gc_variant.at_end()

@@ -10,10 +10,15 @@ every response carries ``X-Pid``; ``GET /`` answers one cached record and a ``SE
 JSON; ``GET /items/<id>`` loads one of 2,000 rows through the ORM (a ``Session``, the first
 mapped model and its relationship's parent) and answers it as JSON. The tables are created
 and the rows seeded at import when missing. ``BENCH_WARMUP=1`` sends a few requests through
-the app at import (in the master, when preloaded).
+the app at import (in the master, when preloaded); bench/apps/_gc_variant.py holds the
+collector variants.
 """
 
 from __future__ import annotations
+
+import _gc_variant  # first, before anything else is imported
+
+# isort: split
 
 import asyncio  # noqa: F401
 import csv  # noqa: F401
@@ -159,3 +164,5 @@ if os.environ.get("BENCH_WARMUP") == "1":
     from forksafe.preload import warm_up
 
     warm_up(application, ["/items/1", "/items/2", "/"])
+
+_gc_variant.at_end()
