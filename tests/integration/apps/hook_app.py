@@ -8,11 +8,14 @@ and the garbage collector's freeze state at that moment (``ufreeze-<pid>``).
 ``HOOK_SETUP=handlers_before`` / ``handlers_after`` set the app's own ``uwsgi.spooler`` and
 ``uwsgi.mule_msg_hook`` before / after importing forksafe.uwsgi; ``GET /spool`` then spools a
 job and sends a mule message, and the handlers record them as ``spooled-*`` / ``mule-*``
-files. ``HOOK_BREAK_FREEZE=1`` makes ``gc.freeze`` raise, as a broken runtime would.
+files. ``HOOK_BREAK_FREEZE=1`` / ``HOOK_BREAK_DISABLE=1`` make ``gc.freeze`` / ``gc.disable``
+raise, as a broken runtime would; ``HOOK_GC_DISABLE=1`` disables the collector first thing,
+as an app that wants it off does.
 
 Every response says whether ``FROZEN_AT_IMPORT`` (a list created at import, in the master
 when preloaded) is frozen in the worker that answers: frozen objects are left out of
-``gc.get_objects()``.
+``gc.get_objects()``; and whether the collector was enabled at the end of the import
+(``gc_at_import``) and is where the request runs (``gc_enabled``).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ def record_freeze(tag: str) -> None:
         "ppid": os.getppid(),
         "freezes": _gc_freeze.freezes(),
         "frozen": gc.get_freeze_count(),
+        "enabled": gc.isenabled(),
     }
     with open(partial, "w") as fh:
         json.dump(state, fh)
@@ -73,6 +77,16 @@ def app_mule_msg_hook(message: bytes) -> None:
     with open(os.path.join(HOOK_DIR, f"mule-{message.decode()}"), "w") as fh:
         fh.write(str(os.getpid()))
 
+
+if os.environ.get("HOOK_GC_DISABLE") == "1":  # the app's own choice, before forksafe
+    gc.disable()
+
+if os.environ.get("HOOK_BREAK_DISABLE") == "1":
+
+    def _broken_disable() -> None:
+        raise RuntimeError("gc.disable is broken on purpose")
+
+    gc.disable = _broken_disable
 
 if os.environ.get("HOOK_BREAK_FREEZE") == "1":
 
@@ -124,6 +138,8 @@ engine = forksafe.track(create_engine(os.environ["DB_URL"], pool_size=2))
 with engine.connect() as _conn:
     PARENT_ID = int(_conn.execute(text("SELECT CONNECTION_ID()")).scalar_one())
 
+GC_AT_IMPORT = gc.isenabled()  # at the end of the import: in the master, when preloaded
+
 
 def application(environ: dict, start_response: object) -> list[bytes]:
     from forksafe import _fork
@@ -148,6 +164,8 @@ def application(environ: dict, start_response: object) -> list[bytes]:
             "internal_errors": [repr(e) for e in forksafe.internal_errors()],
             "import_objects_frozen": not any(o is FROZEN_AT_IMPORT for o in gc.get_objects()),
             "frozen": gc.get_freeze_count(),
+            "gc_at_import": GC_AT_IMPORT,
+            "gc_enabled": gc.isenabled(),
         }
     ).encode()
     start_response("200 OK", [("Content-Type", "application/json")])  # type: ignore[operator]
