@@ -10,14 +10,13 @@ mode:
   fork (gunicorn ``preload_app = True`` with ``from forksafe.gunicorn import post_fork,
   pre_fork``; uWSGI without ``lazy-apps``, ``--import forksafe.uwsgi``), the engine tracked
   by forksafe, ``FORKSAFE_GC_FREEZE=0``;
-* **preload + forksafe**: the same with forksafe's defaults: its hooks disable the
-  collector in the master while the app loads and ``gc.freeze()`` before the workers'
-  first collection (see forksafe/_gc_freeze.py);
-* ``--modes`` adds, not in the default run: **freeze only** (the collector enabled again
-  first thing in the app, ``BENCH_GC_ENABLE=1``: ``gc.freeze()`` without the disabled
-  load), **collect** (``gc.collect()`` once the app is loaded, just before the freeze,
-  ``BENCH_GC_COLLECT=1``) and **warm-up** (the app also answers a few requests in the
-  master before the fork, ``BENCH_WARMUP=1``); see bench/apps/_gc_variant.py.
+* **preload + forksafe**: the same with forksafe's defaults: its hooks ``gc.freeze()``
+  before the workers' first collection (see forksafe/_gc_freeze.py);
+* ``--modes`` adds, not in the default run: **collect** (``gc.collect()`` once the app is
+  loaded, just before the freeze, ``BENCH_GC_COLLECT=1``, see bench/apps/_gc_variant.py)
+  and **warm-up** (the app also answers a few requests in the master before the fork: the
+  Flask example as it ships, ``WARM_UP=1``; the heavier app with ``BENCH_WARMUP=1``). The
+  other modes run the Flask example with ``WARM_UP=0``.
 
 Each server is measured fresh (every worker has answered one request), then after ``wrk``
 has sent about 800 and then 4,000 requests per worker (``--points``) to an endpoint that
@@ -67,23 +66,20 @@ APPS = {"flask": "flask_bench:application", "heavy": "heavy_app:application"}
 TRAFFIC = {"flask": ("/products/%d.json", 5000), "heavy": ("/items/%d", 2000)}
 LAZY = "lazy"
 NO_FREEZE = "preload + forksafe, no freeze"
-FREEZE_ONLY = "preload + forksafe, freeze only"
 FREEZE = "preload + forksafe"
 COLLECT = "preload + forksafe + gc.collect()"
 WARM = "preload + forksafe + warm-up"
 #: mode -> (preload and forksafe's hooks, extra environment)
 MODES: dict[str, tuple[bool, dict[str, str]]] = {
-    LAZY: (False, {"BENCH_FORKSAFE": "0"}),
-    NO_FREEZE: (True, {"FORKSAFE_GC_FREEZE": "0"}),
-    FREEZE_ONLY: (True, {"BENCH_GC_ENABLE": "1"}),
-    FREEZE: (True, {}),
-    COLLECT: (True, {"BENCH_GC_COLLECT": "1"}),
-    WARM: (True, {"BENCH_WARMUP": "1"}),
+    LAZY: (False, {"BENCH_FORKSAFE": "0", "WARM_UP": "0"}),
+    NO_FREEZE: (True, {"FORKSAFE_GC_FREEZE": "0", "WARM_UP": "0"}),
+    FREEZE: (True, {"WARM_UP": "0"}),
+    COLLECT: (True, {"BENCH_GC_COLLECT": "1", "WARM_UP": "0"}),
+    WARM: (True, {"BENCH_WARMUP": "1", "WARM_UP": "1"}),
 }
 SHORT = {
     LAZY: "lazy",
     NO_FREEZE: "no freeze",
-    FREEZE_ONLY: "freeze only",
     FREEZE: "forksafe",
     COLLECT: "collect",
     WARM: "warm-up",
@@ -245,11 +241,10 @@ def plot(results: list[dict[str, object]], path: str) -> None:
     columns = 2 if len(panels) > 2 else len(panels)
     rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(6.0 * columns, 4.0 * rows), squeeze=False)
-    styles = {LAZY: "-", NO_FREEZE: ":", FREEZE_ONLY: ":", FREEZE: "--", COLLECT: "--", WARM: "-."}
+    styles = {LAZY: "-", NO_FREEZE: ":", FREEZE: "--", COLLECT: "--", WARM: "-."}
     colours = {
         LAZY: "tab:blue",
         NO_FREEZE: "tab:orange",
-        FREEZE_ONLY: "tab:brown",
         FREEZE: "tab:green",
         COLLECT: "tab:purple",
         WARM: "tab:red",

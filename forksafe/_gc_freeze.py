@@ -27,19 +27,18 @@ from typing import Any
 
 from forksafe import _fork
 
-__all__ = ["ENV", "enabled", "freeze", "freezes", "held", "hold", "release"]
+__all__ = ["ENV", "enabled", "freeze", "freezes"]
 
 ENV = "FORKSAFE_GC_FREEZE"
 _OFF = ("0", "false", "no", "off")
 
 
 class _State:
-    __slots__ = ("freezes", "generation", "held")
+    __slots__ = ("freezes", "generation")
 
     def __init__(self) -> None:
         self.freezes = 0  # freezes done by forksafe in this process
         self.generation: Any = None  # what the last freeze was for (a weak reference)
-        self.held = False  # forksafe disabled the collector (`hold`) and has not re-enabled it
 
 
 _STATE = _State()
@@ -91,87 +90,3 @@ def freeze(generation: object | None, where: str) -> bool:
     except Exception as exc:
         _fork.report_internal_error(exc, f"gc.freeze() in {where}")
         return False
-
-
-def held() -> bool:
-    """True while the collector is disabled by `hold` (not yet given back by `release`)."""
-    return _STATE.held
-
-
-_HOOKED: list[bool] = []  # non-empty once the at-fork hooks are registered (for good)
-
-
-def hold(where: str) -> bool:
-    """``gc.disable()`` until the workers fork, unless turned off or already disabled. Never raises.
-
-    Called when the server's master imports forksafe's hooks, before it loads the app: no
-    collection runs while the app loads, so nothing it builds is freed, and the pages the
-    workers will share get no freed holes that the workers' allocations would then fill
-    (Python's own recipe, in the documentation of ``gc.freeze``). A collector the user
-    disabled already is left alone (and `release` will not enable it).
-
-    `release` gives the collector back: each server hook calls it after freezing, and
-    when the server forks with ``os.fork`` (gunicorn) an at-fork hook freezes right
-    before the fork and releases in both processes after it, so that the collector of the
-    master and of every process it forks is on again after its first fork.
-
-    Returns:
-        True if this call disabled the collector.
-    """
-    try:
-        if _STATE.held or not enabled() or not gc.isenabled():
-            return False
-        if not _HOOKED:
-            os.register_at_fork(
-                before=_before_fork,
-                after_in_parent=release,
-                after_in_child=_after_fork_in_child,
-            )
-            _HOOKED.append(True)
-        gc.disable()
-        _STATE.held = True
-        return True
-    except Exception as exc:
-        _fork.report_internal_error(exc, f"gc.disable() in {where}")
-        return False
-
-
-def release() -> bool:
-    """``gc.enable()`` if `hold` disabled the collector (and only then). Never raises.
-
-    Returns:
-        True if this call enabled the collector.
-    """
-    try:
-        if not _STATE.held:
-            return False
-        _STATE.held = False
-        gc.enable()
-        return True
-    except Exception as exc:
-        _fork.report_internal_error(exc, "gc.enable() after the fork")
-        return False
-
-
-def _before_fork() -> None:
-    """At ``os.fork`` while held: freeze now, so that both sides can collect after it."""
-    try:
-        if not _STATE.held:
-            return
-        if enabled():
-            gc.freeze()  # O(1): everything not frozen yet joins the permanent generation
-        else:  # turned off since `hold`: give the collector back before anything forks
-            release()
-    except Exception as exc:
-        _fork.report_internal_error(exc, "gc.freeze() before fork")
-
-
-def _after_fork_in_child() -> None:
-    """In a child of ``os.fork``: enable the collector if `hold` disabled it and it is frozen.
-
-    Unfrozen (a fork whose before-fork hook did not run: uWSGI's ``py-call-osafterfork``),
-    everything the app built sits in the youngest generation, and the first collection
-    would write to all of it: the server's post-fork hook freezes first, then releases.
-    """
-    if _STATE.held and gc.get_freeze_count() > 0:
-        release()

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import gc
 import inspect
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -54,37 +53,6 @@ def pre_fork(server: Any, worker: Any) -> None:
     _gc_freeze.freeze(server if cfg is None else cfg, "gunicorn pre_fork")
 
 
-#: gunicorn functions that read a config file (``-c path`` / ``-c python:module``)
-_CONFIG_READERS = ("get_config_from_filename", "get_config_from_module_name")
-
-
-def _read_by_gunicorn_config() -> bool:
-    """True when gunicorn's master is importing this module from its config file.
-
-    That is before it loads the app (``preload_app``) and before any worker exists; an
-    import from anywhere else (an app in a worker, a test) is not.
-    """
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name in _CONFIG_READERS and str(
-            frame.f_globals.get("__name__", "")
-        ).startswith("gunicorn."):
-            return True
-        frame = frame.f_back  # type: ignore[assignment]
-    return False
-
-
-def _hold_at_import() -> bool:
-    """Disable the collector while the master loads the app (see `forksafe._gc_freeze.hold`)."""
-    try:
-        if not _read_by_gunicorn_config():
-            return False
-    except Exception as exc:  # pragma: no cover - a frame walk does not fail
-        _fork.report_internal_error(exc, "forksafe.gunicorn import")
-        return False
-    return _gc_freeze.hold("gunicorn master (forksafe.gunicorn imported by its config)")
-
-
 def post_fork(server: Any, worker: Any) -> None:
     """gunicorn ``post_fork`` hook: reset forksafe-tracked connections in the new worker.
 
@@ -93,7 +61,6 @@ def post_fork(server: Any, worker: Any) -> None:
     """
     if _gc_freeze.freezes() == 0 and gc.get_freeze_count() == 0:
         _gc_freeze.freeze(None, "gunicorn post_fork")
-    _gc_freeze.release()  # the collector disabled in the master at import, after the freeze
     try:
         _fork.after_fork()
     except Exception as exc:  # pragma: no cover - after_fork never raises
@@ -170,6 +137,3 @@ def chain_pre_fork(hook: Hook) -> Hook:
         TypeError: as `chain` does.
     """
     return _wrap(_check(hook, "pre_fork"), pre_fork, "pre_fork")
-
-
-HELD_AT_IMPORT = _hold_at_import()

@@ -35,7 +35,6 @@ loaded; nothing can have been collected in between. ``FORKSAFE_GC_FREEZE=0`` tur
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -57,7 +56,6 @@ def post_fork() -> None:
     """Freeze the collector, then reset forksafe-tracked connections. Never raises."""
     if _gc_freeze.freezes() == 0:  # once per process: a worker inherits the count
         _gc_freeze.freeze(None, "uWSGI post_fork_hook")
-    _gc_freeze.release()  # the collector disabled in the master at import, after the freeze
     try:
         _fork.after_fork()
     except Exception as exc:  # pragma: no cover - after_fork never raises
@@ -114,30 +112,3 @@ def install() -> str:
 
 
 INSTALLED_VIA = install()
-
-
-def _preloading() -> bool:
-    """True in the process that loads the app before uWSGI forks workers from it.
-
-    That is the master without ``lazy-apps`` (or the first process, without a master);
-    with ``lazy-apps`` every worker imports this module itself, after its fork.
-    """
-    options = getattr(uwsgi, "opt", {}) or {}
-    if any(options.get(name) for name in ("lazy-apps", "lazy")):
-        return False
-    master = int(uwsgi.masterpid())
-    return master in (0, os.getpid())
-
-
-def _hold_at_import() -> bool:
-    """Disable the collector while the master loads the app (see `forksafe._gc_freeze.hold`)."""
-    try:
-        if not _preloading():
-            return False
-    except Exception as exc:
-        _fork.report_internal_error(exc, "forksafe.uwsgi import")
-        return False
-    return _gc_freeze.hold("uWSGI master (forksafe.uwsgi imported before the app)")
-
-
-HELD_AT_IMPORT = _hold_at_import()

@@ -10,8 +10,8 @@ every response carries ``X-Pid``; ``GET /`` answers one cached record and a ``SE
 JSON; ``GET /items/<id>`` loads one of 2,000 rows through the ORM (a ``Session``, the first
 mapped model and its relationship's parent) and answers it as JSON. The tables are created
 and the rows seeded at import when missing. ``BENCH_WARMUP=1`` sends a few requests through
-the app at import (in the master, when preloaded); bench/apps/_gc_variant.py holds the
-collector variants.
+the app at import (in the master, when preloaded); bench/apps/_gc_variant.py holds a
+collector variant.
 """
 
 from __future__ import annotations

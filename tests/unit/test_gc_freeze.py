@@ -14,19 +14,16 @@ from sqlalchemy import create_engine
 
 from forksafe import _fork, _gc_freeze
 from forksafe._instrument import _scan_gc
-from tests.forking import run_in_child
 
 
 @pytest.fixture(autouse=True)
 def _unfrozen(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each test starts unfrozen and collecting with a fresh state, and leaves it so."""
+    """Each test starts unfrozen with a fresh state, and leaves the collector unfrozen."""
     gc.unfreeze()
-    gc.enable()
     monkeypatch.setattr(_gc_freeze, "_STATE", _gc_freeze._State())
     monkeypatch.delenv(_gc_freeze.ENV, raising=False)
     yield
     gc.unfreeze()
-    gc.enable()
 
 
 class Generation:
@@ -96,114 +93,3 @@ def test_scan_at_fork_still_sees_frozen_engines() -> None:
     finally:
         gc.unfreeze()
         engine.dispose()
-
-
-# --- the collector disabled while the app loads (hold / release) ---------------------
-
-
-def test_hold_disables_until_release() -> None:
-    """`hold` disables the collector; `release` enables it again, once."""
-    assert _gc_freeze.hold("test") is True
-    assert not gc.isenabled()
-    assert _gc_freeze.held()
-    assert _gc_freeze.hold("test") is False  # already held
-    assert _gc_freeze.release() is True
-    assert gc.isenabled()
-    assert _gc_freeze.release() is False  # nothing held any more
-
-
-def test_hold_leaves_a_collector_the_user_disabled() -> None:
-    """A collector disabled before `hold` stays disabled: `release` does not enable it."""
-    gc.disable()
-    assert _gc_freeze.hold("test") is False
-    assert not _gc_freeze.held()
-    assert _gc_freeze.release() is False
-    assert not gc.isenabled()
-
-
-@pytest.mark.parametrize("before", [True, False])
-def test_hold_off_switch_leaves_the_state_as_it_was(
-    monkeypatch: pytest.MonkeyPatch, before: bool
-) -> None:
-    """``FORKSAFE_GC_FREEZE=0``: `hold` touches nothing, whatever the collector's state."""
-    monkeypatch.setenv(_gc_freeze.ENV, "0")
-    if not before:
-        gc.disable()
-    assert _gc_freeze.hold("test") is False
-    assert gc.isenabled() is before
-    assert _gc_freeze.release() is False
-    assert gc.isenabled() is before
-
-
-def test_hold_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A failing gc.disable is reported (naming where), not raised; nothing is held."""
-
-    def broken() -> None:
-        raise RuntimeError("gc.disable is broken on purpose")
-
-    reported: list[tuple[BaseException, str]] = []
-    monkeypatch.setattr(gc, "disable", broken)
-    monkeypatch.setattr(_fork, "report_internal_error", lambda e, w="": reported.append((e, w)))
-    assert _gc_freeze.hold("the test master") is False
-    assert not _gc_freeze.held()
-    assert gc.isenabled()
-    assert [(str(e), w) for e, w in reported] == [
-        ("gc.disable is broken on purpose", "gc.disable() in the test master")
-    ]
-
-
-def _child_state() -> dict[str, object]:
-    return {
-        "enabled": gc.isenabled(),
-        "frozen": gc.get_freeze_count() > 0,
-        "held": _gc_freeze.held(),
-    }
-
-
-def test_os_fork_freezes_before_and_enables_on_both_sides() -> None:
-    """While held, ``os.fork`` freezes in the parent first; both sides collect after it."""
-    assert _gc_freeze.hold("test") is True
-    child = run_in_child(_child_state)
-    assert child == {"enabled": True, "frozen": True, "held": False}
-    assert gc.isenabled()
-    assert not _gc_freeze.held()
-    assert gc.get_freeze_count() > 0  # the parent froze before the fork
-
-
-def test_fork_without_hooks_stays_held_until_the_server_hook() -> None:
-    """A fork that ran no before-fork hook (uWSGI's, in C) leaves the child unfrozen and held.
-
-    Its first collection would then write to everything the app built, so only the
-    server's post-fork hook, which freezes first, gives the collector back.
-    """
-    assert _gc_freeze.hold("test") is True
-    child = run_in_child(_child_state, hooks=False)
-    assert child == {"enabled": False, "frozen": False, "held": True}
-    _gc_freeze._after_fork_in_child()  # what py-call-osafterfork would run: unfrozen, held
-    assert _gc_freeze.held()
-    assert not gc.isenabled()
-    assert _gc_freeze.freeze(None, "test") is True
-    _gc_freeze._after_fork_in_child()
-    assert gc.isenabled()
-    assert not _gc_freeze.held()
-
-
-def test_off_switch_set_after_hold_releases_before_the_fork(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """``FORKSAFE_GC_FREEZE=0`` set after `hold` (later in a config): no freeze, collector back."""
-    assert _gc_freeze.hold("test") is True
-    monkeypatch.setenv(_gc_freeze.ENV, "0")
-    child = run_in_child(_child_state)
-    assert child == {"enabled": True, "frozen": False, "held": False}
-    assert gc.isenabled()
-    assert gc.get_freeze_count() == 0
-
-
-def test_importing_the_gunicorn_hooks_elsewhere_holds_nothing() -> None:
-    """forksafe.gunicorn imported outside gunicorn's config reader (here) leaves gc alone."""
-    import forksafe.gunicorn
-
-    assert forksafe.gunicorn.HELD_AT_IMPORT is False
-    assert forksafe.gunicorn._read_by_gunicorn_config() is False
-    assert gc.isenabled()

@@ -8,9 +8,8 @@ and the garbage collector's freeze state at that moment (``ufreeze-<pid>``).
 ``HOOK_SETUP=handlers_before`` / ``handlers_after`` set the app's own ``uwsgi.spooler`` and
 ``uwsgi.mule_msg_hook`` before / after importing forksafe.uwsgi; ``GET /spool`` then spools a
 job and sends a mule message, and the handlers record them as ``spooled-*`` / ``mule-*``
-files. ``HOOK_BREAK_FREEZE=1`` / ``HOOK_BREAK_DISABLE=1`` make ``gc.freeze`` / ``gc.disable``
-raise, as a broken runtime would; ``HOOK_GC_DISABLE=1`` disables the collector first thing,
-as an app that wants it off does.
+files. ``HOOK_BREAK_FREEZE=1`` makes ``gc.freeze`` raise, as a broken runtime would;
+``HOOK_GC_DISABLE=1`` disables the collector first thing, as an app that wants it off does.
 
 Every response says whether ``FROZEN_AT_IMPORT`` (a list created at import, in the master
 when preloaded) is frozen in the worker that answers: frozen objects are left out of
@@ -80,13 +79,6 @@ def app_mule_msg_hook(message: bytes) -> None:
 
 if os.environ.get("HOOK_GC_DISABLE") == "1":  # the app's own choice, before forksafe
     gc.disable()
-
-if os.environ.get("HOOK_BREAK_DISABLE") == "1":
-
-    def _broken_disable() -> None:
-        raise RuntimeError("gc.disable is broken on purpose")
-
-    gc.disable = _broken_disable
 
 if os.environ.get("HOOK_BREAK_FREEZE") == "1":
 
