@@ -5,9 +5,8 @@ before the fork (gunicorn ``preload_app``, uWSGI without ``lazy-apps``) or in ev
 (lazy). ``/_pid?hold=SECONDS`` answers the worker's pid after holding it that long (at most
 0.2 s), so that concurrent requests reach every worker; every response carries ``X-Pid``;
 everything else goes to the example. The example reads ``DATABASE_URL`` and the
-``BENCH_POOL`` / ``BENCH_FORKSAFE`` knobs; ``BENCH_WARMUP=1`` sends a few requests through
-the app at import (in the master, when preloaded); bench/apps/_gc_variant.py holds the
-collector variants.
+``BENCH_POOL`` / ``BENCH_FORKSAFE`` knobs, and warms itself up at import (in the master,
+when preloaded) unless ``WARM_UP=0``; bench/apps/_gc_variant.py holds a collector variant.
 """
 
 from __future__ import annotations
@@ -16,18 +15,11 @@ import _gc_variant  # first, before anything else is imported
 
 # isort: split
 
-import os
-
 from _pid import with_pid
 from app import app as example  # examples/flask_app/app.py (the server's chdir)
 
 __all__ = ["application"]
 
 application = with_pid(example)
-
-if os.environ.get("BENCH_WARMUP") == "1":
-    from forksafe.preload import warm_up
-
-    warm_up(application, ["/products/1.json", "/products/2.json", "/products?page=1"])
 
 _gc_variant.at_end()
