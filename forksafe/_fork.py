@@ -38,6 +38,7 @@ from forksafe._registry import REGISTRY, ConnectionEntry
 from forksafe._state import (
     PROCESS,
     ForkLock,
+    check_fork_mark,
     current_pid,
     hold_for_fork,
     internal_errors,
@@ -146,6 +147,7 @@ def after_fork() -> bool:
     try:
         if pid == _STATE.pid:
             return False
+        check_fork_mark()
         _reset(pid)
         _STATE.resets += 1
         _STATE.pid = pid  # last: readers without the lock see a finished reset

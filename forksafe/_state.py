@@ -5,6 +5,11 @@ forksafe but its exceptions, so every other module may import it (no cycles).
 
 * **The current pid** (`current_pid`): the pid whose connections forksafe considers its
   own. ``forksafe._fork`` writes it as the last step of a reset.
+* **This process's pid without a system call** (`fork_mark`, `OWN`, `own_pid`): one byte
+  of a page the kernel zeroes in every child (``madvise(MADV_WIPEONFORK)``), beside the pid
+  that wrote it. While the byte reads 1, ``OWN.pid`` is this process's pid: no fork since,
+  whichever way the process was forked (``os.fork``, uWSGI's C ``fork()``, ctypes). Used by
+  the pool check at every checkout, where ``os.getpid()`` is a system call.
 * **Internal errors** (`report_internal_error`, `internal_errors`): fork-time code never
   raises into the host server; what it caught is logged and kept here for tests.
 * **Fork-aware locks** (`ForkLock`): every lock that fork-time code can take. A fork copies a
@@ -27,8 +32,12 @@ forksafe but its exceptions, so every other module may import it (no cycles).
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
 import os
+import sys
+import sysconfig
 import threading
 import weakref
 from collections import deque
@@ -40,10 +49,13 @@ from forksafe.exceptions import ChildDeadlockedError
 
 __all__ = [
     "LOCK_TIMEOUT",
+    "OWN",
     "ForkLock",
     "current_pid",
+    "fork_mark",
     "hold_for_fork",
     "internal_errors",
+    "own_pid",
     "register_hold_source",
     "reinit_locks",
     "release_all_holds",
@@ -74,6 +86,104 @@ _INTERNAL_ERRORS: deque[BaseException] = deque(maxlen=100)
 def current_pid() -> int:
     """The pid whose connections forksafe considers current (cheap; no syscall)."""
     return PROCESS.pid
+
+
+# -- this process's pid without a system call --------------------------------------------------
+class _Own:
+    __slots__ = ("mark", "pid", "trusted")
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.mark: Any = None  # the memoryview of the wiped page, or a bytearray reading 0
+        self.trusted = False  # the kernel clears the page in children
+
+
+#: ``OWN.pid``: the pid `own_pid` last read; this process's own while `fork_mark` reads 1.
+OWN = _Own()
+
+# Linux's MADV_WIPEONFORK (4.14+; the generic value, which x86, arm, powerpc, s390 and
+# riscv use; Python's mmap module does not name it).
+_MADV_WIPEONFORK = 18
+_MARK_LOCK = threading.Lock()
+
+
+def fork_mark() -> Any:
+    """A byte that reads 1 while ``OWN.pid`` is this process's pid, else 0.
+
+    Made at the first call (about a millisecond: ``/proc/self/smaps`` is read once to see
+    the kernel took the advice), then always the same object; index it (``mark[0]``). It is
+    one byte of a private page marked ``MADV_WIPEONFORK``: the kernel gives every child a
+    zeroed copy, whatever made the child (a fork no Python hook saw included), so a byte
+    that reads 1 was written by this very process (`own_pid` writes it). Where the kernel
+    cannot do it (not Linux, Linux before 4.14, a sandbox that ignores the advice, a build
+    without the GIL) it is a byte that always reads 0, and callers ask ``os.getpid()``.
+    """
+    mark = OWN.mark
+    if mark is not None:
+        return mark
+    with _MARK_LOCK:
+        if OWN.mark is None:
+            page = _wiped_page()
+            if page is None:
+                OWN.mark = bytearray(1)
+            else:
+                OWN.mark = memoryview(page)
+                OWN.trusted = True
+                own_pid()
+        return OWN.mark
+
+
+def own_pid() -> int:
+    """``os.getpid()``, remembered in ``OWN.pid`` and vouched for by `fork_mark`."""
+    pid = os.getpid()
+    OWN.pid = pid
+    if OWN.trusted:
+        OWN.mark[0] = 1  # after OWN.pid: a thread that sees 1 sees this pid
+    return pid
+
+
+def check_fork_mark() -> None:
+    """In a child (the reset calls it): the mark must read 0 here unless this process
+    wrote it. If the kernel did not clear it, it is never trusted again (every check asks
+    ``os.getpid()``)."""
+    if OWN.trusted and OWN.mark[0] and OWN.pid != os.getpid():
+        OWN.trusted = False
+        OWN.mark[0] = 0
+        logger.warning("the kernel did not clear forksafe's wipe-on-fork page in pid %d: "
+                       "the pid is checked with os.getpid() from now on", os.getpid())
+
+
+def _wiped_page() -> mmap.mmap | None:
+    """A private anonymous page the kernel zeroes in every child, or None."""
+    if not sys.platform.startswith("linux") or sysconfig.get_config_var("Py_GIL_DISABLED"):
+        # Without a GIL another thread could see the mark's 1 before OWN.pid's new value.
+        return None
+    try:
+        page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (OSError, ValueError, AttributeError):
+        return None
+    try:
+        page.madvise(_MADV_WIPEONFORK)
+        view = ctypes.c_char.from_buffer(page)
+        address = ctypes.addressof(view)
+        del view
+        # The kernel lists the flag as "wf"; an emulation that accepted the advice without
+        # taking it does not.
+        with open("/proc/self/smaps", "rb") as smaps:
+            data = smaps.read()
+        start = data.find(b"\n%x-" % address)
+        if start < 0 and data.startswith(b"%x-" % address):
+            start = 0
+        flags_at = data.find(b"\nVmFlags:", start) if start >= 0 else -1
+        if flags_at < 0:
+            raise OSError("not listed in /proc/self/smaps")
+        flags = data[flags_at + 9:data.find(b"\n", flags_at + 1)].split()
+        if b"wf" not in flags:
+            raise OSError("no wf flag")
+    except Exception:  # any doubt: the pid is checked by a system call
+        page.close()
+        return None
+    return page
 
 
 def internal_errors() -> list[BaseException]:

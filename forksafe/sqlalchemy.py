@@ -5,10 +5,15 @@ loop, and every event dispatch costs). Instead ``track(engine)`` changes the cla
 engine's pool to a subclass of its own class, made once per pool class, that overrides
 three methods:
 
-* ``connect()`` compares ``os.getpid()`` with the pid the pool was made for. A mismatch is a
-  fork no hook saw (or an orphaned pool used after a reset): forksafe resets the process
-  and hands the checkout to the engine's *new* pool, so the child never opens a session in,
-  nor takes the lock of, the pool it inherited;
+* ``connect()`` compares this process's pid with the pid the pool was made for. A mismatch
+  is a fork no hook saw (or an orphaned pool used after a reset): forksafe resets the
+  process and hands the checkout to the engine's *new* pool, so the child never opens a
+  session in, nor takes the lock of, the pool it inherited. The pid is read without a
+  system call where the kernel allows: ``forksafe._state.fork_mark()`` is a byte of a page
+  the kernel zeroes in every child (``MADV_WIPEONFORK``), so while it reads 1 the pid last
+  read by ``os.getpid()`` in this process is still its own, however the process was forked
+  (uWSGI's C ``fork()`` too). Where the kernel cannot do that, ``os.getpid()`` is asked at
+  every checkout;
 * ``_do_get()`` (the pool taking a record out of its queue) stamps the record with the time
   of checkout and checks its liveness (below). Nothing in it raises once the base
   ``_do_get`` returned a record: an error there would leak the record's slot;
@@ -47,10 +52,11 @@ Liveness at checkout, per pooled connection (``track(engine, idle_check=..., rec
   limit directly. A ``pool_recycle`` set by the user is left as it is.
 
 Private SQLAlchemy API this relies on (pinned by tests/integration/test_pool_internals.py,
-run on SQLAlchemy 1.4 and 2.x): ``Pool.connect``, ``Pool._do_get``, ``Pool.recreate``,
-``Pool._do_return_conn``, ``Pool._invalidate_time``, ``_ConnectionRecord.starttime``,
-``_ConnectionRecord.info`` (cleared
-when a record reconnects), ``_ConnectionRecord.invalidate``/``_checkin_failed``,
+run on SQLAlchemy 1.4 and 2.x): ``Pool.connect`` (which is only
+``_ConnectionFairy._checkout(pool)``: a tracked pool calls that directly), ``Pool._do_get``,
+``Pool.recreate``, ``Pool._do_return_conn``, ``Pool._invalidate_time``,
+``_ConnectionRecord.starttime``, ``_ConnectionRecord.info`` (cleared when a record
+reconnects), ``_ConnectionRecord.invalidate``/``_checkin_failed``,
 ``_ConnectionRecord.dbapi_connection`` (``connection`` on 1.4), ``StaticPool``'s memoized
 ``connection``.
 """
@@ -67,7 +73,7 @@ import time
 import weakref
 from typing import Any
 
-from forksafe import _fork, errors
+from forksafe import _fork, _state, errors
 from forksafe._idle_limit import DEFAULT_IDLE_CHECK, RETIRE_FRACTION, server_idle_limit
 from forksafe._registry import REGISTRY, ConnectionEntry
 from forksafe.drivers import (
@@ -82,6 +88,8 @@ from forksafe.exceptions import UnsupportedObjectError
 try:
     from sqlalchemy import event, exc
     from sqlalchemy.engine import Engine
+    from sqlalchemy.pool.base import Pool as _Pool
+    from sqlalchemy.pool.base import _ConnectionFairy
 except ImportError as _err:  # pragma: no cover - exercised by users without SQLAlchemy
     raise ImportError(
         "forksafe.sqlalchemy requires the SQLAlchemy package: pip install 'forksafe[sqlalchemy]'"
@@ -117,6 +125,7 @@ POLL_AFTER = 0.0
 
 _getpid = os.getpid
 _monotonic = time.monotonic
+_fairy_checkout = _ConnectionFairy._checkout
 
 
 def __getattr__(name: str) -> Any:
@@ -171,17 +180,24 @@ _MISSING = object()
 class _Liveness:
     """What forksafe keeps in a pooled connection's ``record.info``."""
 
-    __slots__ = ("conn_id", "last", "learn", "plain_mysql", "poller", "retire", "threshold")
+    __slots__ = ("conn_id", "last", "learn", "plain_mysql", "poll", "poller", "retire",
+                 "threshold")
 
     def __init__(self, conn_id: int, poller: Any, plain_mysql: bool) -> None:
         self.conn_id = conn_id
         self.poller = poller  # a select.poll on the connection's socket, or None
+        # what a checkout calls with 0: the poller's poll(), or nothing to read
+        self.poll = poller.poll if poller is not None else _nothing_to_read
         self.plain_mysql = plain_mysql  # MySQL protocol without TLS: readable means closed
         self.last = _monotonic()  # time of the last checkout
         self.retire: float | None = None  # idle seconds after which it is replaced unseen
         self.learn = False  # ask the server's idle limit at the next checkout
         # Idle seconds from which a checkout takes the slow path; -inf: the next one does.
         self.threshold = math.inf
+
+
+def _nothing_to_read(timeout: int) -> list[Any]:
+    return []
 
 
 def _is_tls(conn: Any) -> bool | None:
@@ -211,29 +227,34 @@ def _make_classes(base: Any) -> tuple[type, type]:
     base_do_get = base._do_get
     base_recreate = base.recreate
     base_do_return_conn = base._do_return_conn
+    # Pool.connect() is only ``_ConnectionFairy._checkout(self)``: call that directly (one
+    # Python call less per checkout). A pool class with its own connect() keeps it.
+    checkout = _fairy_checkout if base_connect is _Pool.connect else base_connect
+    mark = _state.fork_mark()
+    own = _state.OWN
+    monotonic = _monotonic
+    key = _STATE_KEY
 
     def connect(self: Any) -> Any:
-        if _getpid() != self._forksafe_pid:
-            return _connect_after_fork(self, base_connect)
-        return base_connect(self)
+        # The wipe-on-fork mark reads 1 only in the process that wrote own.pid: no system
+        # call here unless the kernel cannot do that (then the mark always reads 0).
+        if mark[0] and self._forksafe_pid == own.pid:
+            return checkout(self)
+        return _connect_checked(self, base_connect)
 
     def _do_get(self: Any) -> Any:
         rec = base_do_get(self)
         # From here nothing may raise: the record is out of the queue (or holds an overflow
         # slot) and only the caller's checkout would return it.
         try:
-            now = _monotonic()
-            state = rec.info.get(_STATE_KEY)
-            if state is None:
-                self._forksafe_adapter._checkout_slow(self, rec, state, now)
-            else:
+            now = monotonic()
+            state = rec.info.get(key)
+            if state is not None:
                 idle = now - state.last
-                if idle >= state.threshold or (
-                    idle >= POLL_AFTER and state.poller is not None and state.poller.poll(0)
-                ):
-                    self._forksafe_adapter._checkout_slow(self, rec, state, now)
-                else:
+                if idle < state.threshold and (idle < POLL_AFTER or not state.poll(0)):
                     state.last = now
+                    return rec
+            self._forksafe_adapter._checkout_slow(self, rec, state, now)
         except Exception as err:
             _fork.report_internal_error(err, "forksafe's liveness check at checkout")
         except BaseException as err:  # KeyboardInterrupt, greenlet exit: give it back
@@ -272,6 +293,13 @@ def _make_classes(base: Any) -> tuple[type, type]:
         "_do_return_conn": _do_return_conn,
     })
     return lean, pending
+
+
+def _connect_checked(pool: Any, base_connect: Any) -> Any:
+    """A checkout the mark could not vouch for: ask the pid (a system call)."""
+    if vars(pool).get("_forksafe_pid") == _state.own_pid():
+        return base_connect(pool)
+    return _connect_after_fork(pool, base_connect)
 
 
 def _connect_after_fork(pool: Any, base_connect: Any) -> Any:

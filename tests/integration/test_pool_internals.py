@@ -21,7 +21,7 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.pool import NullPool, QueuePool, SingletonThreadPool, StaticPool
 
 import forksafe
-from forksafe import _fork
+from forksafe import _fork, _state
 from forksafe import sqlalchemy as adapter_module
 from forksafe._registry import REGISTRY
 from forksafe.drivers import unwrap
@@ -48,10 +48,14 @@ def engine(url: str) -> Iterator[Any]:
 
 def test_private_api_is_where_forksafe_expects_it() -> None:
     """Every private name the adapter uses exists, on both SQLAlchemy lines."""
-    from sqlalchemy.pool.base import Pool, _ConnectionRecord
+    from sqlalchemy.pool.base import Pool, _ConnectionFairy, _ConnectionRecord
 
     for name in ("connect", "_do_get", "recreate", "_do_return_conn"):
         assert callable(getattr(Pool, name)), name
+    # Pool.connect() is nothing but _ConnectionFairy._checkout(self): a tracked pool calls
+    # that directly.
+    assert Pool.connect.__code__.co_names == ("_ConnectionFairy", "_checkout")
+    assert callable(_ConnectionFairy._checkout)
     for cls in (QueuePool, NullPool, SingletonThreadPool, StaticPool):
         assert "_do_get" in vars(cls), cls
         assert "recreate" in vars(cls), cls
@@ -186,6 +190,50 @@ def test_checkout_after_an_unseen_fork_uses_the_new_pool(engine: Any) -> None:
                       "orphan_in": orphan_size}
     with engine.connect() as conn:
         assert conn.execute(text("SELECT 1")).scalar() == 1
+
+
+def test_hot_checkout_asks_no_pid(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the wipe-on-fork mark, a checkout in the pool's own process makes no getpid()."""
+    if not isinstance(_state.fork_mark(), memoryview):
+        pytest.skip("no MADV_WIPEONFORK here: every checkout asks os.getpid()")
+    forksafe.track(engine)
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    asked: list[int] = []
+    real = _state.own_pid
+    monkeypatch.setattr(_state, "own_pid", lambda: asked.append(1) or real())
+    for _ in range(5):
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    assert asked == []
+
+
+@pytest.mark.parametrize("hooks", [True, False], ids=["os.fork", "libc fork"])
+def test_unseen_fork_is_caught_without_the_mark(
+    engine: Any, monkeypatch: pytest.MonkeyPatch, hooks: bool
+) -> None:
+    """Where the kernel cannot clear a page in a child, the pool asks os.getpid() at every
+    checkout, and a child still gets the new pool."""
+    monkeypatch.setattr(_state, "fork_mark", lambda: bytearray(1))  # always reads 0
+    monkeypatch.setattr(adapter_module, "_CLASSES", {})  # classes made with that mark
+    forksafe.track(engine)
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    orphan = engine.pool
+
+    def child() -> dict[str, Any]:
+        fairy = orphan.connect()
+        try:
+            fairy.cursor().execute("SELECT 1")
+            return {"served_by_new": fairy._pool is engine.pool is not orphan,
+                    "orphan_out": orphan.checkedout()}
+        finally:
+            fairy.close()
+
+    assert run_in_child(child, hooks=hooks) == {"served_by_new": True, "orphan_out": 0}
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT 1")).scalar() == 1
+    forksafe.untrack(engine)
 
 
 # -- looking at a pool never connects -----------------------------------------------------------
