@@ -5,18 +5,26 @@ them share *one* mysqlclient connection (``creator=`` returns it), so that every
 talks to the same server thread over the same socket: the luck of one connection's
 placement, which moves a loopback cycle by 20% between connections, cancels out. Batches of
 ``--cycles`` cycles run in ABBA order (A, B, B, A) and each group of four gives one ratio
-``(B1 + B2) / (A1 + A2)``; the table shows the median of ``--pairs`` such ratios with its
-interquartile range, by the wall clock and by this process's CPU time (the client's own
-work, which is where forksafe's cost is; it is far less disturbed by other processes on a
-shared machine than the wall clock). An A/A row (plain against a second plain engine) is
-the noise floor printed beside it: a difference smaller than the A/A spread is not one. All
-comparisons are interleaved pair by pair, so drift hits them alike::
+``(B1 + B2) / (A1 + A2)`` and one difference per cycle; the tables show the median of
+``--pairs`` such ratios with its interquartile range, by the wall clock and by the CPU time
+of the benchmark's thread (``time.thread_time``: the client's own work, which is where
+forksafe's cost is, and which other processes on a shared machine disturb far less than
+the wall clock). An A/A row (plain against a second plain engine, measured the same way in
+the same run) is the noise floor printed beside it: a difference smaller than the A/A
+spread is not one. All comparisons are interleaved pair by pair, so drift hits them alike.
+
+What keeps the floor near 1.000: the engines are built afresh ``--rounds`` times (two
+identical engine objects differ by a few percent on a bare cycle, by where their objects
+happen to lie in memory; new ones each round turn that into noise the median averages out
+instead of a bias), every engine runs ``--warmup`` cycles after it is built, the garbage
+collector is off while batches run (it collects between pairs), and the process is pinned
+to one CPU (``os.sched_setaffinity``, unless ``--no-pin``)::
 
     python bench/bench_checkout.py            # starts a private MariaDB
     python bench/bench_checkout.py --url mysql+mysqldb://root@127.0.0.1:3306/test
     python bench/bench_checkout.py --quick    # a smoke run of a few seconds
 
-Engines: plain, a second plain one (A/A), tracked with forksafe's defaults (the pid check
+Engines: plain, a second plain one (A/A), tracked with forksafe's defaults (the fork check
 and a zero-timeout ``poll()`` of the socket at every checkout), the same polling only
 connections whose previous checkout is at least 1 ms old (``forksafe.sqlalchemy.POLL_AFTER``),
 tracked with ``idle_check=None, recycle=None``, and ``pool_pre_ping``.
@@ -26,11 +34,12 @@ pool's rollback on return included) and the bare pool cycle (``raw_connection().
 with ``pool_reset_on_return=None``: no byte to the server, the pool's CPU alone, where
 forksafe's share is easiest to see).
 
-Also printed: forksafe's per-checkout work timed by itself (the pid comparison and the
-zero-timeout ``poll()`` of the socket); the time a child takes to reset with ``--engines``
-tracked engines (each holding a pooled connection), after a fork no hook saw (libc
-``fork``), median of 5 children; and the registry after ``--connections`` tracked
-connections were opened and dropped (entries left, memory kept, by ``tracemalloc``).
+Also printed: forksafe's per-checkout work timed by itself (the read of the wipe-on-fork
+mark that stands for ``os.getpid()``, the zero-timeout ``poll()`` of the socket, the clock);
+the time a child takes to reset with ``--engines`` tracked engines (each holding a pooled
+connection), after a fork no hook saw (libc ``fork``), median of 5 children; and the
+registry after ``--connections`` tracked connections were opened and dropped (entries
+left, memory kept, by ``tracemalloc``).
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 import forksafe
+from forksafe import _state
 from forksafe import sqlalchemy as adapter_module
 from forksafe._registry import REGISTRY
 
@@ -63,29 +73,36 @@ from _common import database, environment_note, print_table
 SELECT_1 = text("SELECT 1")
 
 
-Timing = tuple[float, float]  # (wall seconds, this process's CPU seconds)
+Timing = tuple[float, float]  # (wall seconds, this thread's CPU seconds)
+CLOCKS = ("wall clock", "CPU time of the benchmark's thread")
 
 
 def batch_query(engine: Any, n: int) -> Timing:
     """Wall and CPU seconds for n checkout + SELECT 1 + return cycles."""
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu = time.perf_counter(), time.thread_time()
     for _ in range(n):
         with engine.connect() as conn:
             conn.execute(SELECT_1).scalar()
-    return time.perf_counter() - start, time.process_time() - cpu
+    return time.perf_counter() - start, time.thread_time() - cpu
 
 
 def batch_bare(engine: Any, n: int) -> Timing:
     """Wall and CPU seconds for n raw checkouts + returns (no reset on return)."""
-    start, cpu = time.perf_counter(), time.process_time()
+    connect = engine.raw_connection
+    start, cpu = time.perf_counter(), time.thread_time()
     for _ in range(n):
-        engine.raw_connection().close()
-    return time.perf_counter() - start, time.process_time() - cpu
+        connect().close()
+    return time.perf_counter() - start, time.thread_time() - cpu
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
     q1, q2, q3 = statistics.quantiles(values, n=4)
     return q1, q2, q3
+
+
+#: the tracked engine with the socket polled only after 1 ms since the previous checkout
+POLL_1MS = "forksafe, poll after 1 ms"
+AA = "plain (A/A)"
 
 
 def paired_engines(url: str, shared: Any, **options: Any) -> dict[str, Any]:
@@ -97,16 +114,12 @@ def paired_engines(url: str, shared: Any, **options: Any) -> dict[str, Any]:
 
     return {
         "plain": make(),
-        "plain (A/A)": make(),
+        AA: make(),
         "forksafe": forksafe.track(make()),
         POLL_1MS: forksafe.track(make()),
         "forksafe fork check only": forksafe.track(make(), idle_check=None, recycle=None),
         "pool_pre_ping": make(pool_pre_ping=True),
     }
-
-
-#: the tracked engine with the socket polled only after 1 ms since the previous checkout
-POLL_1MS = "forksafe, poll after 1 ms"
 
 
 def timed(name: str, fn: Callable[[Any, int], Timing], engine: Any, n: int) -> Timing:
@@ -119,30 +132,85 @@ def timed(name: str, fn: Callable[[Any, int], Timing], engine: Any, n: int) -> T
         adapter_module.POLL_AFTER = 0.0
 
 
-def print_ratios(kind: str, names: list[str], pairs: int, cycles: int, *,
-                 ratios: dict[str, tuple[list[float], list[float]]],
-                 seconds: dict[str, tuple[list[float], list[float]]]) -> None:
-    """One table per clock: µs per cycle, and the median ratio to plain with its IQR."""
-    for clock, label in ((0, "wall clock"), (1, "CPU time of this process")):
-        plain_us = statistics.median(seconds["plain"][clock]) * 1e6
-        floor = quartiles(ratios["plain (A/A)"][clock])
-        rows = [["plain", f"{plain_us:.1f}", "1.000", "-", "-"]]
+class Results:
+    """Per engine and clock: the per-pair ratios to plain, the per-pair differences (s per
+    cycle), and the seconds per cycle of each side."""
+
+    def __init__(self) -> None:
+        self.ratios: dict[str, tuple[list[float], list[float]]] = {}
+        self.deltas: dict[str, tuple[list[float], list[float]]] = {}
+        self.seconds: dict[str, tuple[list[float], list[float]]] = {}
+
+    def add(self, name: str, cycles: int, abba: tuple[Timing, Timing, Timing, Timing]) -> None:
+        a1, b1, b2, a2 = abba
+        ratios = self.ratios.setdefault(name, ([], []))
+        deltas = self.deltas.setdefault(name, ([], []))
+        mine = self.seconds.setdefault(name, ([], []))
+        plain = self.seconds.setdefault("plain", ([], []))
+        for clock in (0, 1):
+            a, b = a1[clock] + a2[clock], b1[clock] + b2[clock]
+            ratios[clock].append(b / max(a, 1e-12))
+            deltas[clock].append((b - a) / 2 / cycles)
+            mine[clock].append(b / 2 / cycles)
+            plain[clock].append(a / 2 / cycles)
+
+    def floor(self, clock: int) -> tuple[float, float, float]:
+        return quartiles(self.ratios[AA][clock])
+
+
+def print_ratios(kind: str, names: list[str], results: Results, *, pairs: int, rounds: int,
+                 cycles: int) -> None:
+    """One table per clock: µs per cycle, the median difference to plain in ns per cycle,
+    and the median ratio to plain with its IQR."""
+    for clock, label in enumerate(CLOCKS):
+        plain_us = statistics.median(results.seconds["plain"][clock]) * 1e6
+        floor = results.floor(clock)
+        rows = [["plain", f"{plain_us:.2f}", "-", "1.0000", "-", "-"]]
         for name in names:
             if name == "plain":
                 continue
-            q1, q2, q3 = quartiles(ratios[name][clock])
-            us = statistics.median(seconds[name][clock]) * 1e6
-            rows.append([name, f"{us:.1f}", f"{q2:.4f}", f"{q1:.4f}", f"{q3:.4f}"])
+            q1, q2, q3 = quartiles(results.ratios[name][clock])
+            us = statistics.median(results.seconds[name][clock]) * 1e6
+            delta_ns = statistics.median(results.deltas[name][clock]) * 1e9
+            rows.append([name, f"{us:.2f}", f"{delta_ns:+.0f}", f"{q2:.4f}", f"{q1:.4f}",
+                         f"{q3:.4f}"])
         print_table(
             f"{kind}, {label}: median of {pairs} ABBA ratios, {cycles} cycles per batch, "
-            f"one shared connection (A/A floor {floor[1]:.4f}, IQR "
-            f"{floor[0]:.4f}-{floor[2]:.4f})",
-            ["engine", "µs/cycle", "vs plain", "q1", "q3"],
+            f"{rounds} rounds of fresh engines, one shared connection (A/A floor "
+            f"{floor[1]:.4f}, IQR {floor[0]:.4f}-{floor[2]:.4f})",
+            ["engine", "µs/cycle", "Δ ns/cycle", "vs plain", "q1", "q3"],
             rows,
         )
 
 
-def run_paired(url: str, pairs: int, cycles: int) -> None:
+def print_summary(kinds: list[str], results: dict[str, Results]) -> None:
+    """forksafe's defaults against plain, beside the A/A floor, for each cycle and clock."""
+    rows = []
+    for kind in kinds:
+        for clock, label in enumerate(CLOCKS):
+            r = results[kind]
+            tracked = statistics.median(r.ratios["forksafe"][clock])
+            floor = statistics.median(r.ratios[AA][clock])
+            delta_ns = statistics.median(r.deltas["forksafe"][clock]) * 1e9
+            aa_ns = statistics.median(r.deltas[AA][clock]) * 1e9
+            rows.append([kind.split(" (")[0], label.split(" of ")[0], f"{tracked:.4f}",
+                         f"{floor:.4f}", f"{delta_ns:+.0f}", f"{aa_ns:+.0f}"])
+    print_table("summary: forksafe's defaults against plain, beside the A/A floor",
+                ["cycle", "clock", "forksafe/plain", "A/A", "Δ ns", "A/A Δ ns"], rows)
+
+
+def pin_to_one_cpu() -> str:
+    """Pin this process to its last allowed CPU; say what was done."""
+    setaffinity = getattr(os, "sched_setaffinity", None)
+    if setaffinity is None:
+        return "not pinned (no sched_setaffinity here)"
+    cpu = max(os.sched_getaffinity(0))
+    setaffinity(0, {cpu})
+    return f"pinned to CPU {cpu}"
+
+
+def run_paired(url: str, *, pairs: int, rounds: int, cycles: int, bare_cycles: int,
+               warmup: int) -> None:
     from sqlalchemy.engine import make_url
 
     u = make_url(url)
@@ -153,41 +221,49 @@ def run_paired(url: str, pairs: int, cycles: int) -> None:
                                user=u.username or "root", password=u.password or "",
                                database=u.database or "")
 
-    kinds: list[tuple[str, Callable[[Any, int], Timing], dict[str, Any]]] = [
-        ("checkout + SELECT 1", batch_query, paired_engines(url, connect())),
+    shared = {"query": connect(), "bare": connect()}
+    kinds: list[tuple[str, Callable[[Any, int], Timing], Callable[[], dict[str, Any]], int]] = [
+        ("checkout + SELECT 1", batch_query, lambda: paired_engines(url, shared["query"]),
+         cycles),
         ("bare pool cycle (no reset on return)", batch_bare,
-         paired_engines(url, connect(), pool_reset_on_return=None)),
+         lambda: paired_engines(url, shared["bare"], pool_reset_on_return=None), bare_cycles),
     ]
-    for _, fn, group in kinds:  # first connect, dialect initialisation, first-use costs
-        for engine in group.values():
-            fn(engine, 20)
-    # [kind][engine][clock] -> per-pair ratios / per-cycle seconds; clock 0 wall, 1 CPU
-    ratios: dict[str, dict[str, tuple[list[float], list[float]]]] = {k: {} for k, _, _ in kinds}
-    seconds: dict[str, dict[str, tuple[list[float], list[float]]]] = {k: {} for k, _, _ in kinds}
-    for _ in range(pairs):
-        for kind, fn, group in kinds:
-            base = group["plain"]
+    results = {kind: Results() for kind, _, _, _ in kinds}
+    names: dict[str, list[str]] = {}
+    rounds = max(1, min(rounds, pairs))
+    done = 0
+    for round_ in range(rounds):
+        per_round = (pairs - done) // (rounds - round_)
+        groups = [(kind, fn, build(), n) for kind, fn, build, n in kinds]
+        for kind, fn, group, _ in groups:  # first connect, dialect set-up, first-use costs
+            names[kind] = list(group)
             for name, engine in group.items():
-                if name == "plain":
-                    continue
-                a1 = fn(base, cycles)
-                b1 = timed(name, fn, engine, cycles)
-                b2 = timed(name, fn, engine, cycles)
-                a2 = fn(base, cycles)
-                r = ratios[kind].setdefault(name, ([], []))
-                t = seconds[kind].setdefault(name, ([], []))
-                p = seconds[kind].setdefault("plain", ([], []))
-                for clock in (0, 1):
-                    r[clock].append((b1[clock] + b2[clock]) / max(a1[clock] + a2[clock], 1e-9))
-                    t[clock].append((b1[clock] + b2[clock]) / 2 / cycles)
-                    p[clock].append((a1[clock] + a2[clock]) / 2 / cycles)
-    for kind, _, group in kinds:
-        print_ratios(kind, list(group), pairs, cycles, ratios=ratios[kind],
-                     seconds=seconds[kind])
-    for _, _, group in kinds:
-        for name, engine in group.items():
-            if name.startswith("forksafe"):
-                forksafe.untrack(engine)
+                timed(name, fn, engine, warmup)
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(per_round):
+                for kind, fn, group, n in groups:
+                    base = group["plain"]
+                    for name, engine in group.items():
+                        if name == "plain":
+                            continue
+                        a1 = fn(base, n)
+                        b1 = timed(name, fn, engine, n)
+                        b2 = timed(name, fn, engine, n)
+                        a2 = fn(base, n)
+                        results[kind].add(name, n, (a1, b1, b2, a2))
+                gc.collect()  # between pairs, never inside a batch
+        finally:
+            gc.enable()
+        done += per_round
+        for _, _, group, _ in groups:
+            for name, engine in group.items():
+                if name.startswith("forksafe"):
+                    forksafe.untrack(engine)
+    for kind, _, _, n in kinds:
+        print_ratios(kind, names[kind], results[kind], pairs=done, rounds=rounds, cycles=n)
+    print_summary([kind for kind, _, _, _ in kinds], results)
 
 
 def per_checkout_work() -> None:
@@ -204,8 +280,11 @@ def per_checkout_work() -> None:
         best = min(timeit.repeat(stmt, globals=env, number=loops, repeat=5))
         return max(best - empty, 0.0) / loops * 1e9
 
+    check = {"m": _state.fork_mark(), "pid": os.getpid(), "own": _state.OWN}
     rows = [
-        ["pid comparison (os.getpid() != pool pid)",
+        ["fork check: wipe-on-fork mark and pid compared (mark[0] and pid == own.pid)",
+         f"{ns('m[0] and pid == own.pid', check):.0f}"],
+        ["fork check where the kernel cannot clear the mark (os.getpid() != pool pid)",
          f"{ns('getpid() != pid', {'getpid': os.getpid, 'pid': os.getpid()}):.0f}"],
         ["zero-timeout poll() of the socket", f"{ns('p.poll(0)', {'p': poller}):.0f}"],
         ["clock read (time.monotonic)",
@@ -287,18 +366,30 @@ def registry_memory(url: str, connections: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="an existing server (default: a private MariaDB)")
-    parser.add_argument("--pairs", type=int, default=400)
-    parser.add_argument("--cycles", type=int, default=50)
+    parser.add_argument("--pairs", type=int, default=400, help="ABBA groups per engine")
+    parser.add_argument("--rounds", type=int, default=20,
+                        help="times every engine is built afresh (the pairs split among them)")
+    parser.add_argument("--cycles", type=int, default=50,
+                        help="checkout + SELECT 1 cycles per batch")
+    parser.add_argument("--bare-cycles", type=int, default=1000,
+                        help="bare pool cycles per batch (each is ~50x shorter)")
+    parser.add_argument("--warmup", type=int, default=200,
+                        help="untimed cycles of each new engine")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin to one CPU")
     parser.add_argument("--engines", type=int, default=100)
     parser.add_argument("--connections", type=int, default=10_000)
     parser.add_argument("--quick", action="store_true",
-                        help="10 pairs of 20 cycles, 10 engines, 300 connections")
+                        help="10 pairs in 2 rounds, short batches, 10 engines, 300 connections")
     args = parser.parse_args()
     if args.quick:
-        args.pairs, args.cycles, args.engines, args.connections = 10, 20, 10, 300
+        args.pairs, args.rounds, args.cycles, args.bare_cycles = 10, 2, 20, 200
+        args.warmup, args.engines, args.connections = 20, 10, 300
     print(environment_note())
     with database(args.url) as url:
-        run_paired(url, args.pairs, args.cycles)
+        # after the server started: only this process is pinned
+        print("benchmark process:", "not pinned" if args.no_pin else pin_to_one_cpu())
+        run_paired(url, pairs=args.pairs, rounds=args.rounds, cycles=args.cycles,
+                   bare_cycles=args.bare_cycles, warmup=args.warmup)
         per_checkout_work()
         reset_time(url, args.engines)
         registry_memory(url, args.connections)
