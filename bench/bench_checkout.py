@@ -11,7 +11,9 @@ of the benchmark's thread (``time.thread_time``: the client's own work, which is
 forksafe's cost is, and which other processes on a shared machine disturb far less than
 the wall clock). An A/A row (plain against a second plain engine, measured the same way in
 the same run) is the noise floor printed beside it: a difference smaller than the A/A
-spread is not one. All comparisons are interleaved pair by pair, so drift hits them alike.
+spread is not one. All comparisons are interleaved pair by pair, so drift hits them alike,
+in an order shuffled at each pair (the first batch after a collection runs cold; always
+the same comparison's, it had put the A/A floor of the query cycle at 0.95).
 
 What keeps the floor near 1.000: the engines are built afresh ``--rounds`` times (two
 identical engine objects differ by a few percent on a bare cycle, by where their objects
@@ -48,6 +50,7 @@ import argparse
 import ctypes
 import gc
 import os
+import random
 import select
 import statistics
 import struct
@@ -231,6 +234,7 @@ def run_paired(url: str, *, pairs: int, rounds: int, cycles: int, bare_cycles: i
     results = {kind: Results() for kind, _, _, _ in kinds}
     names: dict[str, list[str]] = {}
     rounds = max(1, min(rounds, pairs))
+    rng = random.Random(10)  # the order of the comparisons in each pair: shuffled, repeatably
     done = 0
     for round_ in range(rounds):
         per_round = (pairs - done) // (rounds - round_)
@@ -245,9 +249,13 @@ def run_paired(url: str, *, pairs: int, rounds: int, cycles: int, bare_cycles: i
             for _ in range(per_round):
                 for kind, fn, group, n in groups:
                     base = group["plain"]
-                    for name, engine in group.items():
-                        if name == "plain":
-                            continue
+                    # Untimed: the batch after a collection or the other cycle's batches
+                    # runs cold, and it must not always be the same comparison's A1.
+                    fn(base, max(1, n // 5))
+                    order = [name for name in group if name != "plain"]
+                    rng.shuffle(order)
+                    for name in order:
+                        engine = group[name]
                         a1 = fn(base, n)
                         b1 = timed(name, fn, engine, n)
                         b2 = timed(name, fn, engine, n)
