@@ -29,7 +29,8 @@ to one CPU (``os.sched_setaffinity``, unless ``--no-pin``)::
 Engines: plain, a second plain one (A/A), tracked with forksafe's defaults (the fork check
 and a zero-timeout ``poll()`` of the socket at every checkout), the same polling only
 connections whose previous checkout is at least 1 ms old (``forksafe.sqlalchemy.POLL_AFTER``),
-tracked with ``idle_check=None, recycle=None``, and ``pool_pre_ping``.
+tracked with ``idle_check=None, recycle=None`` (the fork check and the poll only), and
+``pool_pre_ping``.
 
 Cycles: ``checkout + SELECT 1`` (``with engine.connect() as c: c.execute(...)``, the
 pool's rollback on return included) and the bare pool cycle (``raw_connection().close()``
@@ -120,7 +121,8 @@ def paired_engines(url: str, shared: Any, **options: Any) -> dict[str, Any]:
         AA: make(),
         "forksafe": forksafe.track(make()),
         POLL_1MS: forksafe.track(make()),
-        "forksafe fork check only": forksafe.track(make(), idle_check=None, recycle=None),
+        "forksafe, no idle check, no recycle": forksafe.track(make(), idle_check=None,
+                                                              recycle=None),
         "pool_pre_ping": make(pool_pre_ping=True),
     }
 

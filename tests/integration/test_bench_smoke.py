@@ -27,7 +27,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 EXPECTED: dict[str, tuple[bool, dict[str, set[str]]]] = {
     "bench_checkout.py": (True, {
         "checkout + SELECT 1": {"plain", "plain (A/A)", "forksafe", "forksafe, poll after 1 ms",
-                                "forksafe fork check only", "pool_pre_ping"},
+                                "forksafe, no idle check, no recycle", "pool_pre_ping"},
         "bare pool cycle": {"plain", "plain (A/A)", "forksafe"},
         "forksafe's per-checkout work": {"zero-timeout poll() of the socket"},
         "reset in a child": {"median"},
