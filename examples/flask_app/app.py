@@ -217,8 +217,9 @@ application = app
 
 # Build once, in the master before it forks, what every worker's first requests would build
 # (Flask's URL map and templates, SQLAlchemy's compiled statements): shared by all workers
-# instead of a private copy in each (docs/BENCHMARKS.md: 0.42x of lazy memory instead of
-# 0.47x after 4,000 requests per worker). Read-only paths; never raises. WARM_UP=0 skips it.
+# instead of a private copy in each (docs/BENCHMARKS.md: 0.41x to 0.42x of the lazy memory
+# instead of 0.47x to 0.48x after 4,000 requests per worker). Read-only paths; never raises.
+# WARM_UP=0 skips it.
 if os.environ.get("WARM_UP", "1") != "0":
     from forksafe.preload import warm_up
 
