@@ -57,6 +57,11 @@ from sqlalchemy import create_engine, text  # noqa: E402 - after instrument(), o
 MYSQL = {"host": "127.0.0.1", "port": args.mysql_port, "user": "root"}
 PG = {"host": "127.0.0.1", "port": args.pg_port, "user": "postgres", "dbname": "postgres"}
 DRIVERS = ["mysqldb", "pymysql", "psycopg2", "psycopg"]
+# PyMySQL 1.1+ builds a TLS context for every connection, even against a server without TLS
+# (the private one here). A child connecting while a parent thread was inside OpenSSL at the
+# fork can hang on OpenSSL's locks, with or without forksafe (README, "What happens to
+# inherited connections"): a hazard of forking threads that this run does not measure.
+PYMYSQL_NO_TLS = {"ssl_disabled": True}
 SESSION_SQL = {"mysql": "SELECT CONNECTION_ID()", "pg": "SELECT pg_backend_pid()"}
 
 
@@ -72,7 +77,7 @@ def raw_connect(driver: str) -> Any:
     if driver == "pymysql":
         import pymysql
 
-        return pymysql.connect(**MYSQL, autocommit=True)
+        return pymysql.connect(**MYSQL, autocommit=True, **PYMYSQL_NO_TLS)
     if driver == "psycopg2":
         import psycopg2
 
@@ -93,7 +98,9 @@ def engine_url(driver: str) -> str:
 ENGINES: dict[str, Any] = {}
 for _driver in DRIVERS:
     try:
-        ENGINES[_driver] = create_engine(engine_url(_driver), pool_size=3, max_overflow=10)
+        ENGINES[_driver] = create_engine(
+            engine_url(_driver), pool_size=3, max_overflow=10,
+            connect_args=PYMYSQL_NO_TLS if _driver == "pymysql" else {})
     except Exception:  # SQLAlchemy 1.4 has no psycopg 3 dialect: raw connections only
         continue
 
