@@ -264,7 +264,8 @@ def _make_classes(base: Any) -> tuple[type, type]:
 
     def recreate(self: Any) -> Any:
         new = base_recreate(self)
-        new.__class__ = lean  # a pending pool's successor has nothing pending
+        if type(new) is not lean:
+            _set_class(new, lean)  # a pending pool's successor has nothing pending
         new._forksafe_adapter = self._forksafe_adapter
         new._forksafe_pid = _getpid()
         return new
@@ -293,6 +294,18 @@ def _make_classes(base: Any) -> tuple[type, type]:
         "_do_return_conn": _do_return_conn,
     })
     return lean, pending
+
+
+def _set_class(pool: Any, cls: type) -> None:
+    """Give a pool another class, and its attributes a dict of their own.
+
+    An object whose ``__class__`` was assigned keeps its attributes in the layout its first
+    class shares among its instances, which CPython's attribute caches cannot use for the
+    new class: every attribute read of SQLAlchemy's pool code on it (a few dozen per
+    checkout) took the slow path. A plain dict of its own is one they can use again.
+    """
+    pool.__class__ = cls
+    pool.__dict__ = dict(vars(pool))
 
 
 def _connect_checked(pool: Any, base_connect: Any) -> Any:
@@ -393,7 +406,7 @@ class EngineAdapter:
             pool._forksafe_adapter = self
             pool._forksafe_pid = _getpid()
             pool._forksafe_pending = checked_out
-            pool.__class__ = pending if checked_out > 0 else lean
+            _set_class(pool, pending if checked_out > 0 else lean)
         for record in _idle_records(pool):
             conn = _record_connection(record)
             if conn is not None:
@@ -413,7 +426,7 @@ class EngineAdapter:
             engine.dispose(close=False)  # a child that has not used the engine yet
             pool = engine.pool
         if _is_tracked_pool(pool) and vars(pool).get("_forksafe_adapter") is self:
-            pool.__class__ = type(pool)._forksafe_base
+            _set_class(pool, type(pool)._forksafe_base)
             vars(pool).pop("_forksafe_adapter", None)
             vars(pool).pop("_forksafe_pid", None)
             vars(pool).pop("_forksafe_pending", None)
@@ -482,7 +495,7 @@ class EngineAdapter:
             out = 0
         if pool._forksafe_pending <= 0 or out <= 0:
             lean, _ = _tracked_classes(type(pool)._forksafe_base)
-            pool.__class__ = lean
+            _set_class(pool, lean)
 
     def _on_error(self, context: Any) -> None:
         # SQLAlchemy's error carries the statement: its size tells a packet too large
