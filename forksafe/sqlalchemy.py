@@ -305,7 +305,16 @@ def _set_class(pool: Any, cls: type) -> None:
     checkout) took the slow path. A plain dict of its own is one they can use again.
     """
     pool.__class__ = cls
-    pool.__dict__ = dict(vars(pool))
+    old = vars(pool)
+    before = dict(old)
+    pool.__dict__ = fresh = dict(before)
+    # Another thread may have written an attribute (a QueuePool's overflow count, say)
+    # between the copy and the swap, into the old dict: carry it over, unless the new dict
+    # has changed that attribute since.
+    for key, value in list(old.items()):
+        was = before.get(key, _MISSING)
+        if value is not was and fresh.get(key, _MISSING) is was:
+            fresh[key] = value
 
 
 def _connect_checked(pool: Any, base_connect: Any) -> Any:

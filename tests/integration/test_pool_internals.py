@@ -98,6 +98,23 @@ def test_tracked_pool_is_a_subclass_that_survives_dispose_and_untrack_restores(
         assert conn.execute(text("SELECT 1")).scalar() == 1
 
 
+def test_track_and_untrack_keep_every_attribute_of_the_pool(engine: Any) -> None:
+    """The pool gets a dict of its own when its class changes (CPython's attribute caches
+    cannot use the old class's shared layout): the same attributes, the same objects."""
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    pool = engine.pool
+    before = dict(vars(pool))
+    forksafe.track(engine)
+    assert engine.pool is pool
+    after = {k: v for k, v in vars(pool).items() if not k.startswith("_forksafe")}
+    assert after.keys() == before.keys()
+    assert all(after[k] is before[k] for k in before)
+    forksafe.untrack(engine)
+    assert vars(pool).keys() == before.keys()
+    assert all(vars(pool)[k] is before[k] for k in before)
+
+
 def test_info_is_cleared_when_a_record_reconnects(engine: Any) -> None:
     """forksafe keeps its per-connection state in record.info because SQLAlchemy clears
     it when a record opens a new connection."""
