@@ -303,6 +303,8 @@ def _set_class(pool: Any, cls: type) -> None:
     class shares among its instances, which CPython's attribute caches cannot use for the
     new class: every attribute read of SQLAlchemy's pool code on it (a few dozen per
     checkout) took the slow path. A plain dict of its own is one they can use again.
+    Called at track() and on a new pool no other thread has seen yet (recreate); a pool
+    that has its own dict changes class by ``__class__`` alone (pending to lean, untrack).
     """
     pool.__class__ = cls
     old = vars(pool)
@@ -435,7 +437,9 @@ class EngineAdapter:
             engine.dispose(close=False)  # a child that has not used the engine yet
             pool = engine.pool
         if _is_tracked_pool(pool) and vars(pool).get("_forksafe_adapter") is self:
-            _set_class(pool, type(pool)._forksafe_base)
+            # track() gave the pool a dict of its own: a class change alone keeps it fast,
+            # and no other thread's write can fall between two dicts
+            pool.__class__ = type(pool)._forksafe_base
             vars(pool).pop("_forksafe_adapter", None)
             vars(pool).pop("_forksafe_pid", None)
             vars(pool).pop("_forksafe_pending", None)
@@ -504,7 +508,7 @@ class EngineAdapter:
             out = 0
         if pool._forksafe_pending <= 0 or out <= 0:
             lean, _ = _tracked_classes(type(pool)._forksafe_base)
-            _set_class(pool, lean)
+            pool.__class__ = lean  # its dict is its own since track(): see _set_class
 
     def _on_error(self, context: Any) -> None:
         # SQLAlchemy's error carries the statement: its size tells a packet too large
