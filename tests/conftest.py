@@ -16,8 +16,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 IN_CI = bool(os.environ.get("CI"))
+
+# Property tests: no per-example deadline (a timing, which a busy machine fails), and in CI
+# the same examples every run, so that a red run is always reproducible with the same seed.
+settings.register_profile("forksafe", deadline=None)
+settings.register_profile("forksafe-ci", deadline=None, derandomize=True)
+settings.load_profile("forksafe-ci" if IN_CI else "forksafe")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
