@@ -73,7 +73,20 @@ def child() -> None:
 
 process = multiprocessing.get_context("fork").Process(target=child)
 process.start()
-report["received"] = receiver.recv() if receiver.poll(WAIT) else None
+sender.close()  # the child's copy is the only one left: its exit ends the wait below
+
+
+def receive() -> dict | None:
+    if not receiver.poll(WAIT):  # a bound, not a timing: a message or EOF comes first
+        return None
+    try:
+        message: dict = receiver.recv()
+    except EOFError:  # the child exited without sending (its send failed)
+        return None
+    return message
+
+
+report["received"] = receive()
 process.join(WAIT)
 report["child_exitcode"] = process.exitcode
 report["internal_errors"] = [repr(e) for e in forksafe.internal_errors()]
