@@ -81,6 +81,9 @@ class MariaDB(PrivateServer):
         self.owns_basedir = basedir is None
         self.basedir = Path(basedir or tempfile.mkdtemp(prefix="forksafe-mariadb-"))
         self.datadir = self.basedir / "data"
+        # A tmpdir of its own: a mariadbd starting up deletes every '#sql*' file in its
+        # tmpdir, which broke another private server's install running at that moment in /tmp.
+        self.tmpdir = self.basedir / "tmp"
         self.socket_path = str(self.basedir / "mysqld.sock")
         self.general_log_path = self.basedir / "general.log"
         self.error_log_path = self.basedir / "error.log"
@@ -89,6 +92,7 @@ class MariaDB(PrivateServer):
             self.mariadbd,
             "--no-defaults",
             f"--datadir={self.datadir}",
+            f"--tmpdir={self.tmpdir}",
             f"--socket={self.socket_path}",
             f"--port={self.port}",
             "--bind-address=127.0.0.1",
@@ -117,6 +121,7 @@ class MariaDB(PrivateServer):
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> MariaDB:
         """Create the data directory on first start, start the server, create the database."""
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
         if not (self.datadir / "mysql").is_dir():
             self._install()
         try:
@@ -136,6 +141,7 @@ class MariaDB(PrivateServer):
             self.install_db,
             "--no-defaults",
             f"--datadir={self.datadir}",
+            f"--tmpdir={self.tmpdir}",  # passed on to the bootstrap server
             "--auth-root-authentication-method=normal",
             "--skip-test-db",
         ]
