@@ -164,26 +164,30 @@ def _wiped_page() -> mmap.mmap | None:
         return None
     try:
         page.madvise(_MADV_WIPEONFORK)
-        view = ctypes.c_char.from_buffer(page)
-        address = ctypes.addressof(view)
-        del view
         # The kernel lists the flag as "wf"; an emulation that accepted the advice without
         # taking it does not.
-        with open("/proc/self/smaps", "rb") as smaps:
-            data = smaps.read()
-        start = data.find(b"\n%x-" % address)
-        if start < 0 and data.startswith(b"%x-" % address):
-            start = 0
-        flags_at = data.find(b"\nVmFlags:", start) if start >= 0 else -1
-        if flags_at < 0:
-            raise OSError("not listed in /proc/self/smaps")
-        flags = data[flags_at + 9:data.find(b"\n", flags_at + 1)].split()
-        if b"wf" not in flags:
+        if b"wf" not in vm_flags(page):
             raise OSError("no wf flag")
     except Exception:  # any doubt: the pid is checked by a system call
         page.close()
         return None
     return page
+
+
+def vm_flags(page: mmap.mmap) -> list[bytes]:
+    """The kernel's ``VmFlags`` for the mapping that holds ``page`` (``/proc/self/smaps``)."""
+    view = ctypes.c_char.from_buffer(page)
+    address = ctypes.addressof(view)
+    del view
+    with open("/proc/self/smaps", "rb") as smaps:
+        data = smaps.read()
+    start = data.find(b"\n%x-" % address)
+    if start < 0 and data.startswith(b"%x-" % address):
+        start = 0
+    flags_at = data.find(b"\nVmFlags:", start) if start >= 0 else -1
+    if flags_at < 0:
+        raise OSError(f"mapping {address:x} not listed in /proc/self/smaps")
+    return data[flags_at + 9:data.find(b"\n", flags_at + 1)].split()
 
 
 def internal_errors() -> list[BaseException]:
