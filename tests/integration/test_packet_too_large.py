@@ -91,14 +91,16 @@ def test_packet_too_large_is_named_and_not_retried(
 
 @pytest.mark.usefixtures("fresh_knowledge")
 def test_control_without_the_learned_limit_it_is_an_idle_timeout(small_packet: Any) -> None:
-    """The control: the same 2006 with no max_allowed_packet known reads as a disconnect
-    worth retrying; that is what forksafe said before it learned the limit."""
+    """The control: the same failure with no max_allowed_packet known reads as a disconnect
+    worth retrying; that is what forksafe said before it learned the limit. The client sees
+    2006 or, when the server closes while the packet is still being written, 2013: which one
+    depends on timing, so both disconnect classes count."""
     engine = create_engine(small_packet.url("pymysql"))
     try:
         with pytest.raises(exc.OperationalError) as caught, engine.begin() as conn:
             conn.execute(text("INSERT INTO blobs VALUES (:b)"), {"b": BLOB})
         kind = errors.classify(caught.value)
-        assert kind is errors.GONE_AWAY
+        assert kind in (errors.GONE_AWAY, errors.LOST_DURING_QUERY), kind
         assert kind.retry_safe
     finally:
         engine.dispose()
