@@ -29,6 +29,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from forksafe import _state
 from forksafe._sockets import socket_identity
 from forksafe._state import LOCK_TIMEOUT, ForkLock, weak_items
 from forksafe.drivers import Driver
@@ -120,6 +121,8 @@ class Registry:
             kept = self._connections.setdefault(conn, entry)
             if kept.record is None:
                 kept.record = entry.record
+        if _state._HOLDS:  # a fork under way has listed its holds already: join them
+            _state.hold_late(conn)
 
     def discard_connection(self, conn: Any) -> bool:
         """Stop tracking ``conn``; return whether it was tracked."""

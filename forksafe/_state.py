@@ -22,7 +22,8 @@ forksafe but its exceptions, so every other module may import it (no cycles).
   and reports `ChildDeadlockedError`. The lock released is always the very object acquired,
   even when another thread replaced it meanwhile.
 * **Fork holds** (`hold_for_fork`, `release_holds`): strong references to every connection
-  forksafe knows of, taken in the parent just before ``fork()``. In the child, CPython frees
+  forksafe knows of, taken in the parent just before ``fork()`` (and, by `hold_late`, to
+  one another thread makes between that moment and the fork itself). In the child, CPython frees
   the states of the threads that did not fork (and their ``threading.local`` data) *before*
   any at-fork hook runs; a connection held only there would be finalised (mysqlclient sends
   ``COM_QUIT`` from its destructor) before forksafe could neutralise its socket. Held here,
@@ -54,6 +55,7 @@ __all__ = [
     "current_pid",
     "fork_mark",
     "hold_for_fork",
+    "hold_late",
     "internal_errors",
     "own_pid",
     "register_hold_source",
@@ -330,6 +332,19 @@ def hold_for_fork() -> None:
         except Exception as exc:  # never break os.fork()
             report_internal_error(exc, f"listing connections to hold across fork ({source!r})")
     _HOLDS[threading.get_ident()] = held
+
+
+def hold_late(obj: Any) -> None:
+    """Keep ``obj`` alive across a fork that is already under way in another thread.
+
+    A forking thread's before-fork hook lists what to hold, then ``os.fork()`` may still
+    wait (for the import lock another thread holds) while other threads run: a connection
+    opened, or a pooled one checked out, in that window was not listed. Whatever makes one
+    calls this when ``_HOLDS`` is not empty; it joins every hold under way (the parent drops
+    it with the forking thread's own, the child once its reset is done).
+    """
+    for held in list(_HOLDS.values()):
+        held.append(obj)
 
 
 def release_holds() -> None:

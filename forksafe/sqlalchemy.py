@@ -232,6 +232,7 @@ def _make_classes(base: Any) -> tuple[type, type]:
     checkout = _fairy_checkout if base_connect is _Pool.connect else base_connect
     mark = _state.fork_mark()
     own = _state.OWN
+    holds = _state._HOLDS
     monotonic = _monotonic
     key = _STATE_KEY
 
@@ -239,7 +240,10 @@ def _make_classes(base: Any) -> tuple[type, type]:
         # The wipe-on-fork mark reads 1 only in the process that wrote own.pid: no system
         # call here unless the kernel cannot do that (then the mark always reads 0).
         if mark[0] and self._forksafe_pid == own.pid:
-            return checkout(self)
+            fairy = checkout(self)
+            if holds:  # another thread's fork is under way and listed its holds already
+                _state.hold_late(fairy)
+            return fairy
         return _connect_checked(self, base_connect)
 
     def _do_get(self: Any) -> Any:
@@ -322,8 +326,12 @@ def _set_class(pool: Any, cls: type) -> None:
 def _connect_checked(pool: Any, base_connect: Any) -> Any:
     """A checkout the mark could not vouch for: ask the pid (a system call)."""
     if vars(pool).get("_forksafe_pid") == _state.own_pid():
-        return base_connect(pool)
-    return _connect_after_fork(pool, base_connect)
+        fairy = base_connect(pool)
+    else:
+        fairy = _connect_after_fork(pool, base_connect)
+    if _state._HOLDS:  # another thread's fork is under way and listed its holds already
+        _state.hold_late(fairy)
+    return fairy
 
 
 def _connect_after_fork(pool: Any, base_connect: Any) -> Any:

@@ -105,10 +105,10 @@ def test_no_descriptor_leak_over_repeated_forks(mariadb: Any) -> None:
 THREAD_SCRIPT = Path(__file__).parent / "scripts" / "thread_fork_scenario.py"
 
 
-def run_thread_scenario(server: Any, *, hold: str, fork: str) -> dict:
+def run_thread_scenario(server: Any, *, hold: str, fork: str, when: str = "before") -> dict:
     """Run thread_fork_scenario.py (a worker thread's connection, the main thread forks)."""
     cmd = [sys.executable, str(THREAD_SCRIPT), "--port", str(server.port), "--hold", hold,
-           "--fork", fork]
+           "--fork", fork, "--when", when]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, f"scenario crashed: {done.stderr[-2000:]}"
     report: dict = json.loads(done.stdout)
@@ -116,12 +116,13 @@ def run_thread_scenario(server: Any, *, hold: str, fork: str) -> dict:
     return report
 
 
+@pytest.mark.parametrize("when", ["before", "window"])
 @pytest.mark.parametrize("fork", ["os", "multiprocessing"])
 @pytest.mark.parametrize(
     "hold", ["local", "process_local", "instrument", "engine", "instrumented_engine"]
 )
 def test_connection_held_by_another_thread_survives_fork(
-    mariadb: Any, hold: str, fork: str
+    mariadb: Any, hold: str, fork: str, when: str
 ) -> None:
     """A connection only a worker thread references (a ``threading.local``, a per-thread
     ``ProcessLocal``, instrumented, a tracked engine's connection checked out inside a
@@ -133,12 +134,17 @@ def test_connection_held_by_another_thread_survives_fork(
     connection's pool wrapper rolls back: ``ROLLBACK`` in the worker's session, its
     transaction gone) unless forksafe holds it across the fork. The control, nothing
     tracked, shows the server's ``Quit`` and the worker's 2013.
+
+    ``window``: the worker opens or checks out its connection after the forking thread's
+    before-fork hooks ran and before the fork itself (which waits for the import lock a
+    third thread holds meanwhile): forksafe had listed its holds already, and must hold
+    this one too.
     """
-    bare = run_thread_scenario(mariadb, hold="none", fork=fork)
+    bare = run_thread_scenario(mariadb, hold="none", fork=fork, when=when)
     assert mariadb.quit_logged(bare["before_id"]), "control: the child did not quit"
     assert "2013" in bare.get("error", ""), bare
 
-    safe = run_thread_scenario(mariadb, hold=hold, fork=fork)
+    safe = run_thread_scenario(mariadb, hold=hold, fork=fork, when=when)
     assert "error" not in safe, safe
     assert safe["after_id"] == safe["before_id"], safe
     assert not mariadb.quit_logged(safe["before_id"]), "a Quit reached the worker's session"
