@@ -244,13 +244,16 @@ def _on_new_connection(conn: Any) -> None:
         driver = find_driver(raw)
         if driver is None:
             return
-        origin = _record(raw, driver.name)
         if _STATE.track:
+            # Tracked before it is recorded: a fork another thread makes in between finds
+            # it tracked (the other way round, the child would report it as a connection
+            # nobody tracked)
             REGISTRY.add_connection(
                 raw,
-                ConnectionEntry(driver=driver, pid=origin.pid,
+                ConnectionEntry(driver=driver, pid=os.getpid(),
                                 origin=f"{driver.name} connection"),
             )
+        _record(raw, driver.name)
     except UntrackedConnectionError:
         raise
     except Exception as exc:  # instrumentation must never break the user's connect

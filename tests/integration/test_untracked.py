@@ -6,7 +6,11 @@ the private MariaDB or PostgreSQL, and reads the parent's session from the serve
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -109,3 +113,24 @@ def test_strict_mode_fails_at_first_use(
     assert "own_id" not in child, child
     if driver in MYSQL_DRIVERS:
         assert not server.quit_logged(report["parent_id"])
+
+
+MIDWAY = Path(__file__).parent / "scripts" / "instrument_fork_midway.py"
+
+
+def test_a_fork_while_instrument_records_a_new_connection(mariadb: Any) -> None:
+    """A worker thread's new connection is being recorded by instrument() when the main
+    thread forks: the child treats it as tracked (neutralised by the reset, no warning that
+    nobody tracked it), and the worker's session goes on in the parent. Recorded before it
+    was tracked, the child called it a connection nobody tracked."""
+    done = subprocess.run([sys.executable, str(MIDWAY), "--port", str(mariadb.port)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert "error" not in report, report
+    assert isinstance(report["session"], int), report
+    child = report["child"]
+    assert child["internal_errors"] == [], child
+    assert not any("nobody tracked" in line for line in child["log"]), child["log"]
+    assert any("neutralised 1 of 1" in line for line in child["log"]), child["log"]
+    assert "ForkSafetyWarning" not in done.stderr, done.stderr[-2000:]
