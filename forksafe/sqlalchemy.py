@@ -289,6 +289,7 @@ def _make_classes(base: Any) -> tuple[type, type]:
         "_forksafe_base": base,
         "connect": connect,
         "_do_get": _do_get,
+        "dispose": _dispose,
         "recreate": recreate,
     }
     lean = type(base.__name__, (base,), dict(namespace))
@@ -321,6 +322,16 @@ def _set_class(pool: Any, cls: type) -> None:
         was = before.get(key, _MISSING)
         if value is not was and fresh.get(key, _MISSING) is was:
             fresh[key] = value
+
+
+def _dispose(pool: Any) -> None:
+    """A tracked pool's ``dispose()``, which closes its idle connections. In a process the
+    pool was not made for (an at-fork hook registered before forksafe's, calling
+    ``engine.dispose()``), the process is reset first: the inherited sockets are
+    neutralised, and closing them sends nothing. Rare: the pid is asked every time."""
+    if vars(pool).get("_forksafe_pid") != _state.own_pid():
+        _fork.after_fork()
+    type(pool)._forksafe_base.dispose(pool)
 
 
 def _connect_checked(pool: Any, base_connect: Any) -> Any:

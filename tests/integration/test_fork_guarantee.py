@@ -350,3 +350,34 @@ def test_forks_while_threads_use_connections_lose_nothing(
     if seed == 0:
         control = run_property(mariadb, postgres, seed, control=True)
         assert any(p.startswith("sentinel:") for p in control["problems"]), control
+
+
+EARLY_HOOK_SCRIPT = Path(__file__).parent / "scripts" / "early_hook_scenario.py"
+
+
+def test_an_app_hook_that_runs_before_forksafes_disposes_safely(mariadb: Any) -> None:
+    """The app registered ``os.register_at_fork(after_in_child=engine.dispose)``-style code
+    before importing forksafe, so in the child it runs before forksafe's reset. Disposing
+    of the tracked engine there resets the process first: nothing reaches the parent's
+    session. The control, the engine untracked: ``Quit`` and the parent's 2013."""
+
+    def run(mode: str) -> dict:
+        done = subprocess.run(
+            [sys.executable, str(EARLY_HOOK_SCRIPT), "--url", mariadb.url(), "--mode", mode],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        report: dict = json.loads(done.stdout)
+        return report
+
+    bare = run("none")
+    assert mariadb.quit_logged(bare["before_id"]), "control: the child's dispose did not quit"
+    assert "2013" in bare.get("error", ""), bare
+
+    safe = run("track")
+    assert "error" not in safe, safe
+    assert safe["after_id"] == safe["before_id"], safe
+    assert not mariadb.quit_logged(safe["before_id"]), "a Quit reached the parent's session"
+    assert safe["child_status"] == 0
+    assert safe["internal_errors"] == [], safe
+    assert safe["child_internal_errors"] == [], safe
