@@ -27,9 +27,11 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+import weakref
 from collections.abc import Callable
 from typing import Any, Final, Literal
 
@@ -221,7 +223,10 @@ def neutralise(conn: object, entry: ConnectionEntry | None = None) -> bool:
             fd = driver.socket_fd(raw)
         except Exception as exc:  # "could not tell" is not "closed" (see Driver.socket_fd)
             _ORPHANS.append(raw)  # whatever happens next, its destructor never runs
-            return _neutralise_recorded(entry, name, exc)
+            done = _neutralise_recorded(entry, name, exc)
+            if done:
+                _note_neutralised(raw)
+            return done
         if fd is None:  # the driver says it is closed: nothing is shared any more
             return False
         expected = entry.socket if entry is not None else None
@@ -235,11 +240,33 @@ def neutralise(conn: object, entry: ConnectionEntry | None = None) -> bool:
                     pid, fd, name, "closed" if actual is None else "another socket",
                 )
                 return False
-        return _sockets.neutralise_fd(fd)
+        done = _sockets.neutralise_fd(fd)
+        if done:
+            _note_neutralised(raw)
+        return done
     except Exception as exc:
         _ORPHANS.append(raw)
         report_internal_error(exc, f"neutralising an inherited {name} connection's socket "
                                    "(it is kept alive, never closed)")
+        return False
+
+
+#: Connections this process inherited and neutralised: an error on one of them is explained
+#: as that (`was_neutralised`), not as an idle timeout. Written in the child's reset only.
+_NEUTRALISED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _note_neutralised(raw: object) -> None:
+    with contextlib.suppress(TypeError):  # not weak-referenceable: explained as before
+        _NEUTRALISED.add(raw)
+
+
+def was_neutralised(conn: object) -> bool:
+    """Whether ``conn`` (or the DBAPI connection it wraps) is one this process inherited and
+    forksafe neutralised."""
+    try:
+        return unwrap(conn) in _NEUTRALISED
+    except TypeError:
         return False
 
 

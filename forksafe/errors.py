@@ -30,9 +30,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -44,6 +46,7 @@ __all__ = [
     "explain",
     "is_disconnect",
     "learned_max_allowed_packet",
+    "mark_inherited",
     "mask_secrets",
     "note_max_allowed_packet",
     "report",
@@ -309,6 +312,19 @@ NO_RESULT_METADATA = ErrorClass(
     retry_safe=False,
     django_fix=_SHARED_FIX_DJANGO,
 )
+INHERITED = ErrorClass(
+    "forksafe-inherited",
+    "Connection inherited from the parent process",
+    "this connection was open in the parent when the process forked (checked out by a "
+    "Session or Connection that was kept open across the fork, or used directly); forksafe "
+    "closed the child's copy of its socket, so that nothing the child does reaches the "
+    "parent's session.",
+    "end the Sessions and Connections used at start-up before the fork (session.close(), "
+    "scoped_session.remove(), or a with block); in the child, discard an inherited one "
+    "(roll it back, close or remove it) and use a new one: the engine gives the child "
+    "connections of its own.",
+)
+
 PACKET_TOO_LARGE = ErrorClass(
     "mysql-packet-too-large",
     "Statement larger than the server's max_allowed_packet",
@@ -500,7 +516,23 @@ def classify(
     return kind
 
 
+# Errors raised by a connection forksafe neutralised in this process (`mark_inherited`).
+_INHERITED_ERRORS: weakref.WeakSet[BaseException] = weakref.WeakSet()
+
+
+def mark_inherited(exc: BaseException) -> None:
+    """Note that ``exc`` was raised by a connection inherited across fork and neutralised
+    by forksafe (the SQLAlchemy adapter knows which connection failed; the error does
+    not), so that `classify` names that cause instead of an idle timeout."""
+    with contextlib.suppress(TypeError):  # not weak-referenceable: explained as before
+        _INHERITED_ERRORS.add(exc)
+
+
 def _classify(exc_or_message: BaseException | str) -> ErrorClass | None:
+    if not isinstance(exc_or_message, str) and _INHERITED_ERRORS:
+        for exc in _chain(exc_or_message):
+            if exc in _INHERITED_ERRORS:
+                return INHERITED
     if isinstance(exc_or_message, str):
         code_match = _MYSQL_CODE_IN_TEXT.search(exc_or_message)
         if code_match is not None:  # the code decides, known or not

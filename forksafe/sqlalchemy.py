@@ -324,6 +324,16 @@ def _set_class(pool: Any, cls: type) -> None:
             fresh[key] = value
 
 
+def _context_connection(context: Any) -> Any:
+    """The DBAPI connection a ``handle_error`` context's statement ran on, or None. Never
+    reconnects (``Connection.connection`` would)."""
+    fairy = getattr(context.connection, "_dbapi_connection", None)
+    if fairy is None:
+        return None
+    conn = getattr(fairy, "dbapi_connection", _MISSING)
+    return getattr(fairy, "connection", None) if conn is _MISSING else conn
+
+
 def _dispose(pool: Any) -> None:
     """A tracked pool's ``dispose()``, which closes its idle connections. In a process the
     pool was not made for (an at-fork hook registered before forksafe's, calling
@@ -532,6 +542,8 @@ class EngineAdapter:
     def _on_error(self, context: Any) -> None:
         # SQLAlchemy's error carries the statement: its size tells a packet too large
         original = context.sqlalchemy_exception or context.original_exception
+        if _fork.was_neutralised(_context_connection(context)):
+            errors.mark_inherited(context.original_exception)
         kind = errors.classify(original)
         if kind is None:
             return
