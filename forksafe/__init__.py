@@ -151,6 +151,7 @@ def track(
             f"forksafe.track() cannot protect a {type(obj).__module__}.{type(obj).__qualname__}; "
             f"it supports {_SUPPORTED.format(drivers=supported_names())}."
         )
+    _fork.neutralise_if_inherited(conn, driver, "forksafe.track()")
     try:
         REGISTRY.add_connection(
             conn, ConnectionEntry(driver=driver, pid=os.getpid(), origin="track()")

@@ -251,6 +251,37 @@ def neutralise(conn: object, entry: ConnectionEntry | None = None) -> bool:
         return False
 
 
+def neutralise_if_inherited(conn: object, driver: Any, what: str) -> bool:
+    """Neutralise ``conn`` if its socket is also open in this process's parent: a connection
+    this process inherited that forksafe did not know of at the fork (``track()`` called
+    in the child). Never raises.
+
+    Args:
+        conn: the DBAPI connection.
+        driver: its `forksafe.drivers.Driver`.
+        what: a password-free description for the warning (the engine, or ``track()``).
+
+    Returns:
+        True if it was inherited and is neutralised now.
+    """
+    try:
+        fd = driver.socket_fd(conn)
+        if fd is None or not _sockets.open_in_parent(fd):
+            return False
+        done = neutralise(conn)
+    except Exception as exc:
+        report_internal_error(exc, "checking whether a connection was inherited")
+        return False
+    if done:
+        logger.warning(
+            "pid %d: %s: a %s connection this process inherited from its parent (pid %d, "
+            "which still has its socket open) was neutralised: it is the parent's session "
+            "(using it here fails at once; a pool replaces it). Track it in the parent "
+            "before the fork, or open it after.", os.getpid(), what, driver.name, os.getppid(),
+        )
+    return done
+
+
 #: Connections this process inherited and neutralised: an error on one of them is explained
 #: as that (`was_neutralised`), not as an idle timeout. Written in the child's reset only.
 _NEUTRALISED: weakref.WeakSet[Any] = weakref.WeakSet()

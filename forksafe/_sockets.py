@@ -25,7 +25,12 @@ import os
 import socket
 import stat
 
-__all__ = ["neutralise_fd", "socket_identity"]
+__all__ = ["neutralise_fd", "open_in_parent", "socket_identity"]
+
+# (pid, ppid) -> identities of the sockets the parent held when this process first asked
+_PARENT_SOCKETS: dict[tuple[int, int], frozenset[tuple[int, int]]] = {}
+#: Parents with more descriptors than this are not listed (the check is skipped).
+_MAX_PARENT_FDS = 65536
 
 
 def socket_identity(fd: int) -> tuple[int, int] | None:
@@ -43,6 +48,47 @@ def socket_identity(fd: int) -> tuple[int, int] | None:
     if not stat.S_ISSOCK(st.st_mode):
         return None
     return (st.st_dev, st.st_ino)
+
+
+def open_in_parent(fd: int) -> bool:
+    """Whether the socket behind ``fd`` is also open in this process's parent: a socket
+    inherited across ``fork()`` that the parent still uses (a connection forksafe did not
+    know of at the fork, tracked only now, in the child).
+
+    Reads ``/proc/<ppid>/fd`` once per process (the sockets a child inherited were in the
+    parent before the fork; any it opened later cannot be in the child). False wherever
+    that cannot be read (not Linux, another user's parent, an exited parent), which is what
+    forksafe assumed before it asked: never a false True, so a socket of this process's own
+    is never taken for its parent's.
+    """
+    identity = socket_identity(fd)
+    if identity is None:
+        return False
+    key = (os.getpid(), os.getppid())
+    held = _PARENT_SOCKETS.get(key)
+    if held is None:
+        held = _PARENT_SOCKETS[key] = _sockets_of(key[1])
+    return identity in held
+
+
+def _sockets_of(pid: int) -> frozenset[tuple[int, int]]:
+    """Identities of the sockets process ``pid`` has open (empty if that cannot be read)."""
+    base = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return frozenset()
+    if len(names) > _MAX_PARENT_FDS:
+        return frozenset()
+    found = set()
+    for name in names:
+        try:
+            st = os.stat(f"{base}/{name}")
+        except OSError:  # closed meanwhile
+            continue
+        if stat.S_ISSOCK(st.st_mode):
+            found.add((st.st_dev, st.st_ino))
+    return frozenset(found)
 
 
 def neutralise_fd(fd: int) -> bool:

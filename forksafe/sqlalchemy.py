@@ -491,6 +491,9 @@ class EngineAdapter:
         if self._park:
             self._records.add(record)
         elif driver is not None:
+            # track() in a child, of an engine the parent did not track: its pool may hold
+            # the parent's connections (the liveness check then replaces them at checkout)
+            _fork.neutralise_if_inherited(conn, driver, self._origin)
             REGISTRY.add_connection(
                 conn,
                 ConnectionEntry(driver=driver, pid=_getpid(), origin=self._origin, owner=self,

@@ -381,3 +381,46 @@ def test_an_app_hook_that_runs_before_forksafes_disposes_safely(mariadb: Any) ->
     assert safe["child_status"] == 0
     assert safe["internal_errors"] == [], safe
     assert safe["child_internal_errors"] == [], safe
+
+
+TRACK_IN_CHILD_SCRIPT = Path(__file__).parent / "scripts" / "track_in_child.py"
+
+
+@pytest.mark.parametrize("kind", ["engine", "raw"])
+def test_track_called_in_the_child_never_adopts_the_parents_session(
+    mariadb: Any, kind: str
+) -> None:
+    """``forksafe.track()`` in a child (a pool initializer, Celery's
+    ``worker_process_init``) on an engine or raw connection the parent opened and never
+    tracked: the parent's connection it holds is neutralised, not adopted. The engine's
+    query runs on a session of the child's own, and the child's dispose() / close() sends
+    nothing on the parent's. The control (no track): the child shares the parent's session
+    and ends it."""
+
+    def run(mode: str) -> dict:
+        done = subprocess.run(
+            [sys.executable, str(TRACK_IN_CHILD_SCRIPT), "--port", str(mariadb.port),
+             "--kind", kind, "--mode", mode],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        report: dict = json.loads(done.stdout)
+        report["stderr"] = done.stderr[-4000:]
+        return report
+
+    bare = run("none")
+    assert mariadb.quit_logged(bare["before_id"]), "control: the child did not quit"
+    assert "2013" in bare.get("error", ""), bare
+    if kind == "engine":
+        assert bare["child"]["id"] == bare["before_id"], "control: the child had its own session"
+
+    safe = run("track")
+    assert "error" not in safe, safe
+    assert "error" not in safe["child"], safe["child"]
+    assert safe["after_id"] == safe["before_id"], safe
+    assert not mariadb.quit_logged(safe["before_id"]), "a Quit reached the parent's session"
+    if kind == "engine":
+        assert safe["child"]["id"] != safe["before_id"], safe
+    assert "inherited from its parent" in safe["stderr"], safe["stderr"]
+    assert safe["internal_errors"] == [], safe
+    assert safe["child"]["internal_errors"] == [], safe
