@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from forksafe import _fork, errors
@@ -62,11 +63,13 @@ __all__ = [
     "internal_errors",
     "is_instrumented",
     "is_tracked",
+    "register_after_fork",
     "register_driver",
     "retry_on_disconnect",
     "retrying",
     "track",
     "uninstrument",
+    "unregister_after_fork",
     "unregister_driver",
     "untrack",
 ]
@@ -163,6 +166,32 @@ def track(
             "or open the connection after the fork."
         ) from err
     return obj
+
+
+F = TypeVar("F", bound=Callable[[], object])
+
+
+def register_after_fork(fn: F) -> F:
+    """Run ``fn()`` in every child once forksafe has reset it, whichever hook did (``os.fork``,
+    the gunicorn or uWSGI hook, a fork detected at a tracked engine's checkout).
+
+    For state forksafe does not know, held by another library or by the app: a connection
+    pool of its own (psycopg_pool, peewee), a client object to rebuild. When ``fn`` runs,
+    every tracked connection the child inherited is neutralised already, so closing or
+    dropping them there sends nothing. Usable as a decorator; returns ``fn``. Callbacks run
+    in registration order; registering one twice is a no-op. One that raises is logged on
+    the ``forksafe`` logger (and in `internal_errors`), and the others still run: nothing
+    reaches the host server.
+    """
+    if not callable(fn):
+        raise TypeError(f"forksafe.register_after_fork() needs a callable, not {fn!r}")
+    _fork.register_child_callback(fn, phase=_fork.AFTER_RESET)
+    return fn
+
+
+def unregister_after_fork(fn: Callable[[], object]) -> bool:
+    """Remove a callback added by `register_after_fork`; return whether it was registered."""
+    return _fork.unregister_child_callback(fn, phase=_fork.AFTER_RESET)
 
 
 def untrack(obj: object) -> bool:
