@@ -102,7 +102,9 @@ def track(
     """Protect ``obj`` across forks and return it unchanged.
 
     Accepts a SQLAlchemy ``Engine`` (1.4 and 2.x), an ``AsyncEngine`` (through its sync
-    engine), or a raw DBAPI connection of mysqlclient, PyMySQL, psycopg2 or psycopg 3.
+    engine), or a raw DBAPI connection of a known driver: mysqlclient, PyMySQL,
+    mysql-connector, MariaDB Connector/Python, psycopg2, psycopg 3, pg8000, asyncpg,
+    aiomysql, asyncmy, sqlite3 and aiosqlite, and any added by `register_driver`.
     Tracking holds ``obj`` weakly, is thread-safe, and tracking twice is harmless.
 
     After a fork, in the child: a tracked engine gets a fresh pool with the same settings,
