@@ -104,7 +104,8 @@ def track(
     Accepts a SQLAlchemy ``Engine`` (1.4 and 2.x), an ``AsyncEngine`` (through its sync
     engine), or a raw DBAPI connection of a known driver: mysqlclient, PyMySQL,
     mysql-connector, MariaDB Connector/Python, psycopg2, psycopg 3, pg8000, asyncpg,
-    aiomysql, asyncmy, sqlite3 and aiosqlite, and any added by `register_driver`.
+    aiomysql, asyncmy and aiosqlite, and any added by `register_driver` (a sqlite3
+    connection cannot be held weakly: track its engine).
     Tracking holds ``obj`` weakly, is thread-safe, and tracking twice is harmless.
 
     After a fork, in the child: a tracked engine gets a fresh pool with the same settings,
