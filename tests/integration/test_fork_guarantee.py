@@ -78,7 +78,10 @@ def test_child_queries_on_its_own_connection(mariadb: Any, kind: str) -> None:
     if kind == "idle":
         bare = run_scenario(mariadb, kind=kind, action="use", protect=False)
         bare_ids = [c.get("inherited_id") for c in bare["children"]]
-        assert bare["parent_id"] in bare_ids, bare["children"]
+        # On the parent's one session the three children either read its id or, querying
+        # it at the same moment, garble each other's replies (all three did, once)
+        garbled = [c["inherited_error"] for c in bare["children"] if c.get("inherited_error")]
+        assert bare["parent_id"] in bare_ids or len(garbled) >= 2, bare["children"]
 
 
 def test_inherited_raw_connection_fails_fast_in_child(mariadb: Any) -> None:
