@@ -121,8 +121,7 @@ class Registry:
             kept = self._connections.setdefault(conn, entry)
             if kept.record is None:
                 kept.record = entry.record
-        if _state._HOLDS:  # a fork under way has listed its holds already: join them
-            _state.hold_late(conn)
+        _state.hold_late(conn)  # if a fork is under way and has listed its holds already
 
     def discard_connection(self, conn: Any) -> bool:
         """Stop tracking ``conn``; return whether it was tracked."""

@@ -340,8 +340,9 @@ def hold_late(obj: Any) -> None:
     A forking thread's before-fork hook lists what to hold, then ``os.fork()`` may still
     wait (for the import lock another thread holds) while other threads run: a connection
     opened, or a pooled one checked out, in that window was not listed. Whatever makes one
-    calls this when ``_HOLDS`` is not empty; it joins every hold under way (the parent drops
-    it with the forking thread's own, the child once its reset is done).
+    calls this; it joins every hold under way (the parent drops it with the forking
+    thread's own, the child once its reset is done), and does nothing when no fork is.
+    The tracked pool's checkout tests ``_HOLDS`` itself first, to save the call.
     """
     for held in list(_HOLDS.values()):
         held.append(obj)

@@ -168,7 +168,8 @@ def _idle_records(pool: Any) -> list[Any]:
 
 
 def _record_connection(record: Any) -> Any:
-    """The DBAPI connection of a pool record, or None (``dbapi_connection`` since 1.4.24)."""
+    """The DBAPI connection of a pool record (or of its checked-out wrapper), or None
+    (``dbapi_connection`` since 1.4.24)."""
     conn = getattr(record, "dbapi_connection", _MISSING)
     return getattr(record, "connection", None) if conn is _MISSING else conn
 
@@ -328,10 +329,7 @@ def _context_connection(context: Any) -> Any:
     """The DBAPI connection a ``handle_error`` context's statement ran on, or None. Never
     reconnects (``Connection.connection`` would)."""
     fairy = getattr(context.connection, "_dbapi_connection", None)
-    if fairy is None:
-        return None
-    conn = getattr(fairy, "dbapi_connection", _MISSING)
-    return getattr(fairy, "connection", None) if conn is _MISSING else conn
+    return None if fairy is None else _record_connection(fairy)
 
 
 def _dispose(pool: Any) -> None:
@@ -339,19 +337,20 @@ def _dispose(pool: Any) -> None:
     pool was not made for (an at-fork hook registered before forksafe's, calling
     ``engine.dispose()``), the process is reset first: the inherited sockets are
     neutralised, and closing them sends nothing. Rare: the pid is asked every time."""
-    if vars(pool).get("_forksafe_pid") != _state.own_pid():
+    if not _made_here(pool):
         _fork.after_fork()
     type(pool)._forksafe_base.dispose(pool)
 
 
+def _made_here(pool: Any) -> bool:
+    """Whether ``pool`` was made for this process (asks the pid: a system call)."""
+    return bool(vars(pool).get("_forksafe_pid") == _state.own_pid())
+
+
 def _connect_checked(pool: Any, base_connect: Any) -> Any:
     """A checkout the mark could not vouch for: ask the pid (a system call)."""
-    if vars(pool).get("_forksafe_pid") == _state.own_pid():
-        fairy = base_connect(pool)
-    else:
-        fairy = _connect_after_fork(pool, base_connect)
-    if _state._HOLDS:  # another thread's fork is under way and listed its holds already
-        _state.hold_late(fairy)
+    fairy = base_connect(pool) if _made_here(pool) else _connect_after_fork(pool, base_connect)
+    _state.hold_late(fairy)  # if another thread's fork is under way
     return fairy
 
 

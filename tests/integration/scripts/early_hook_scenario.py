@@ -12,7 +12,6 @@ both processes' internal errors.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 ENGINE = None
@@ -25,6 +24,7 @@ def dispose_in_child() -> None:
 
 os.register_at_fork(after_in_child=dispose_in_child)
 
+from _child import finish, in_child  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
 import forksafe  # noqa: E402
@@ -40,21 +40,11 @@ if args.mode == "track":
 report: dict = {}
 with ENGINE.connect() as conn:
     report["before_id"] = conn.execute(text("SELECT CONNECTION_ID()")).scalar()
-read_end, write_end = os.pipe()
-pid = os.fork()
-if pid == 0:
-    os.close(read_end)
-    os.write(write_end, json.dumps([repr(e) for e in forksafe.internal_errors()]).encode())
-    os._exit(0)
-os.close(write_end)
-with os.fdopen(read_end, "rb") as pipe:
-    report["child_internal_errors"] = json.loads(pipe.read() or b"null")
-_, report["child_status"] = os.waitpid(pid, 0)
+child, report["child_status"] = in_child(lambda child: None)  # the child does nothing
+report["child_internal_errors"] = child.get("internal_errors")
 try:
     with ENGINE.connect() as conn:
         report["after_id"] = conn.execute(text("SELECT CONNECTION_ID()")).scalar()
 except Exception as exc:
     report["error"] = repr(exc)
-report["internal_errors"] = [repr(e) for e in forksafe.internal_errors()]
-print(json.dumps(report), flush=True)
-os._exit(0)  # the parent never says goodbye: a Quit in the server's log came from the child
+finish(report)

@@ -11,8 +11,8 @@ its error), the worker's session id, and both processes' internal errors.
 from __future__ import annotations
 
 import argparse
-import json
-import os
+
+from _child import finish, in_child
 
 import forksafe
 
@@ -38,30 +38,19 @@ with app.app_context():
     report["before_id"] = db.session.execute(SESSION_ID).scalar()
     db.session.remove()
 
-read_end, write_end = os.pipe()
-pid = os.fork()
-if pid == 0:
-    os.close(read_end)
-    child: dict = {}
-    try:
-        with app.app_context():
-            child["id"] = db.session.execute(SESSION_ID).scalar()
-            db.session.remove()
-            db.engine.dispose()
-    except Exception as exc:
-        child["error"] = repr(exc)
-    child["internal_errors"] = [repr(e) for e in forksafe.internal_errors()]
-    os.write(write_end, json.dumps(child).encode())
-    os._exit(0)
-os.close(write_end)
-with os.fdopen(read_end, "rb") as pipe:
-    report["child"] = json.loads(pipe.read() or b"{}")
-os.waitpid(pid, 0)
+
+
+def worker(child: dict) -> None:
+    with app.app_context():
+        child["id"] = db.session.execute(SESSION_ID).scalar()
+        db.session.remove()
+        db.engine.dispose()
+
+
+report["child"], _ = in_child(worker)
 try:
     with app.app_context():
         report["after_id"] = db.session.execute(SESSION_ID).scalar()
 except Exception as exc:
     report["error"] = repr(exc)
-report["internal_errors"] = [repr(e) for e in forksafe.internal_errors()]
-print(json.dumps(report), flush=True)
-os._exit(0)  # the parent never says goodbye: a Quit in the server's log came from the child
+finish(report)

@@ -9,10 +9,9 @@ log), then removes the session and queries again. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 
+from _child import finish, forksafe_log, in_child
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import scoped_session, sessionmaker
 
@@ -24,27 +23,15 @@ parser.add_argument("--url", required=True)
 args = parser.parse_args()
 
 
-class Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-lines = Lines()
-logging.getLogger("forksafe").addHandler(lines)
+lines = forksafe_log(logging.WARNING)
 engine = forksafe.track(create_engine(args.url))
 Session = scoped_session(sessionmaker(bind=engine))
 SESSION_ID = text("SELECT CONNECTION_ID()")
 report: dict = {"before_id": Session.execute(SESSION_ID).scalar()}  # left open on purpose
 
-read_end, write_end = os.pipe()
-pid = os.fork()
-if pid == 0:
-    os.close(read_end)
-    child: dict = {}
+
+
+def worker(child: dict) -> None:
     try:
         child["id"] = Session.execute(SESSION_ID).scalar()
     except Exception as exc:
@@ -57,17 +44,12 @@ if pid == 0:
         child["after_remove_id"] = Session.execute(SESSION_ID).scalar()
     except Exception as exc:
         child["after_remove_error"] = repr(exc)[:300]
-    child["log"] = lines.lines
-    child["internal_errors"] = [repr(e) for e in forksafe.internal_errors()]
-    os.write(write_end, json.dumps(child).encode())
-    os._exit(0)
-os.close(write_end)
-with os.fdopen(read_end, "rb") as pipe:
-    report["child"] = json.loads(pipe.read() or b"{}")
-os.waitpid(pid, 0)
+    child["log"] = lines
+
+
+report["child"], _ = in_child(worker)
 try:
     report["after_id"] = Session.execute(SESSION_ID).scalar()
 except Exception as exc:
     report["error"] = repr(exc)
-print(json.dumps(report), flush=True)
-os._exit(0)
+finish(report)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import threading
 
 import MySQLdb
+from _child import forksafe_log, in_child, mysql_session_id
 
 import forksafe
 from forksafe import _instrument
@@ -31,18 +30,7 @@ done = threading.Event()
 report: dict = {}
 
 
-class Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-lines = Lines()
-logging.getLogger("forksafe").addHandler(lines)
-logging.getLogger("forksafe").setLevel(logging.DEBUG)
+lines = forksafe_log()
 forksafe.instrument()
 real_record = _instrument._record
 
@@ -61,10 +49,7 @@ _instrument._record = record_then_wait
 def worker() -> None:
     try:
         conn = MySQLdb.connect(host="127.0.0.1", port=args.port, user="root")
-        cur = conn.cursor()
-        cur.execute("SELECT CONNECTION_ID()")
-        report["session"] = int(cur.fetchone()[0])
-        cur.close()
+        report["session"] = mysql_session_id(conn)
         report["tracked_in_parent"] = [c.tracked for c in forksafe.connections()
                                        if c.kind == "connection"]
     except Exception as exc:
@@ -76,21 +61,14 @@ thread = threading.Thread(target=worker, name="worker", daemon=True)
 thread.start()
 if not recorded.wait(WAIT):
     raise SystemExit("the worker never connected")
-read_end, write_end = os.pipe()
-pid = os.fork()
-if pid == 0:
-    os.close(read_end)
-    child = {
-        "log": lines.lines,
-        "tracked": [c.tracked for c in forksafe.connections() if c.kind == "connection"],
-        "internal_errors": [repr(e) for e in forksafe.internal_errors()],
-    }
-    os.write(write_end, json.dumps(child).encode())
-    os._exit(0)
-os.close(write_end)
-with os.fdopen(read_end, "rb") as pipe:
-    report["child"] = json.loads(pipe.read() or b"{}")
-os.waitpid(pid, 0)
+
+
+def in_the_child(child: dict) -> None:
+    child["log"] = lines
+    child["tracked"] = [c.tracked for c in forksafe.connections() if c.kind == "connection"]
+
+
+report["child"], _ = in_child(in_the_child)
 forked.set()
 if not done.wait(WAIT):
     report["error"] = "the worker never finished"

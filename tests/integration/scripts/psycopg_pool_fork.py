@@ -11,8 +11,8 @@ processes' internal errors.
 from __future__ import annotations
 
 import argparse
-import json
-import os
+
+from _child import finish, in_child
 
 import forksafe
 
@@ -50,28 +50,15 @@ def backend_pid() -> int:
     return int(row[0])
 
 
+def worker(child: dict) -> None:
+    child["pid"] = backend_pid()
+    POOL.close(timeout=5)
+
+
 report: dict = {"before_pid": backend_pid()}
-read_end, write_end = os.pipe()
-pid = os.fork()
-if pid == 0:
-    os.close(read_end)
-    child: dict = {}
-    try:
-        child["pid"] = backend_pid()
-        POOL.close(timeout=5)
-    except Exception as exc:
-        child["error"] = repr(exc)
-    child["internal_errors"] = [repr(e) for e in forksafe.internal_errors()]
-    os.write(write_end, json.dumps(child).encode())
-    os._exit(0)
-os.close(write_end)
-with os.fdopen(read_end, "rb") as pipe:
-    report["child"] = json.loads(pipe.read() or b"{}")
-os.waitpid(pid, 0)
+report["child"], _ = in_child(worker)
 try:
     report["after_pid"] = backend_pid()
 except Exception as exc:
     report["error"] = repr(exc)
-report["internal_errors"] = [repr(e) for e in forksafe.internal_errors()]
-print(json.dumps(report), flush=True)
-os._exit(0)  # the parent never says goodbye: a disconnection in the log came from the child
+finish(report)

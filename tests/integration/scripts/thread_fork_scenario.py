@@ -40,6 +40,7 @@ fork_under_way = threading.Event()
 os.register_at_fork(before=fork_under_way.set)
 
 import MySQLdb  # noqa: E402
+from _child import mysql_session_id  # noqa: E402
 
 import forksafe  # noqa: E402
 
@@ -56,14 +57,6 @@ WAIT = 60.0  # bounded waits: a failure shows as an error, never a hang
 
 def connect() -> MySQLdb.connections.Connection:
     return MySQLdb.connect(host="127.0.0.1", port=args.port, user="root", autocommit=True)
-
-
-def session_id(conn: MySQLdb.connections.Connection) -> int:
-    cur = conn.cursor()
-    cur.execute("SELECT CONNECTION_ID()")
-    (cid,) = cur.fetchone()
-    cur.close()
-    return int(cid)
 
 
 if args.hold in ("instrument", "instrumented_engine"):
@@ -94,7 +87,7 @@ def open_connection() -> None:
         local.conn = connect()
         if args.hold == "local":
             forksafe.track(local.conn)
-    report["before_id"] = session_id(get())
+    report["before_id"] = mysql_session_id(get())
 
 
 engine = None
@@ -109,7 +102,7 @@ if args.when == "window":
     # import then (the import lock is taken) and its pooled connection is an idle one.
     warm = connect()
     forksafe.track(warm)
-    session_id(warm)
+    mysql_session_id(warm)
     forksafe.untrack(warm)
     warm.close()
     if engine is not None:
@@ -146,7 +139,7 @@ def worker() -> None:
         report["error"] = "the main thread never forked"
         return
     try:
-        report["after_id"] = session_id(get())
+        report["after_id"] = mysql_session_id(get())
     except Exception as exc:
         report["error"] = repr(exc)
     reported.set()

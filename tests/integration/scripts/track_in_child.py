@@ -11,10 +11,9 @@ after, the child's, errors, and both processes' internal errors.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import MySQLdb
+from _child import finish, in_child, mysql_session_id
 from sqlalchemy import create_engine, text
 
 import forksafe
@@ -26,14 +25,6 @@ parser.add_argument("--mode", choices=["none", "track"], required=True)
 args = parser.parse_args()
 
 
-def raw_session_id(conn: MySQLdb.connections.Connection) -> int:
-    cur = conn.cursor()
-    cur.execute("SELECT CONNECTION_ID()")
-    (cid,) = cur.fetchone()
-    cur.close()
-    return int(cid)
-
-
 SESSION_ID = text("SELECT CONNECTION_ID()")
 engine = create_engine(f"mysql+mysqldb://root@127.0.0.1:{args.port}/")
 raw = MySQLdb.connect(host="127.0.0.1", port=args.port, user="root")
@@ -42,41 +33,30 @@ if args.kind == "engine":
     with engine.connect() as conn:
         report["before_id"] = conn.execute(SESSION_ID).scalar()
 else:
-    report["before_id"] = raw_session_id(raw)
+    report["before_id"] = mysql_session_id(raw)
 
-read_end, write_end = os.pipe()
-pid = os.fork()
-if pid == 0:
-    os.close(read_end)
-    child: dict = {}
-    try:
-        if args.kind == "engine":
-            if args.mode == "track":
-                forksafe.track(engine)
-            with engine.connect() as conn:
-                child["id"] = conn.execute(SESSION_ID).scalar()
-            engine.dispose()
-        else:
-            if args.mode == "track":
-                forksafe.track(raw)
-            raw.close()
-    except Exception as exc:
-        child["error"] = repr(exc)
-    child["internal_errors"] = [repr(e) for e in forksafe.internal_errors()]
-    os.write(write_end, json.dumps(child).encode())
-    os._exit(0)
-os.close(write_end)
-with os.fdopen(read_end, "rb") as pipe:
-    report["child"] = json.loads(pipe.read() or b"{}")
-os.waitpid(pid, 0)
+
+
+def worker(child: dict) -> None:
+    if args.kind == "engine":
+        if args.mode == "track":
+            forksafe.track(engine)
+        with engine.connect() as conn:
+            child["id"] = conn.execute(SESSION_ID).scalar()
+        engine.dispose()
+    else:
+        if args.mode == "track":
+            forksafe.track(raw)
+        raw.close()
+
+
+report["child"], _ = in_child(worker)
 try:
     if args.kind == "engine":
         with engine.connect() as conn:
             report["after_id"] = conn.execute(SESSION_ID).scalar()
     else:
-        report["after_id"] = raw_session_id(raw)
+        report["after_id"] = mysql_session_id(raw)
 except Exception as exc:
     report["error"] = repr(exc)
-report["internal_errors"] = [repr(e) for e in forksafe.internal_errors()]
-print(json.dumps(report), flush=True)
-os._exit(0)  # the parent never says goodbye: a Quit in the server's log came from the child
+finish(report)
