@@ -26,11 +26,11 @@ to one CPU (``os.sched_setaffinity``, unless ``--no-pin``)::
     python bench/bench_checkout.py --url mysql+mysqldb://root@127.0.0.1:3306/test
     python bench/bench_checkout.py --quick    # a smoke run of a few seconds
 
-Engines: plain, a second plain one (A/A), tracked with forksafe's defaults (the fork check
-and a zero-timeout ``poll()`` of the socket at every checkout), the same polling only
-connections whose previous checkout is at least 1 ms old (``forksafe.sqlalchemy.POLL_AFTER``),
-tracked with ``idle_check=None, recycle=None`` (the fork check and the poll only), and
-``pool_pre_ping``.
+Engines: plain, a second plain one (A/A), tracked with forksafe's defaults (the fork check,
+and a zero-timeout ``poll()`` of the socket at every checkout whose previous one is at
+least ``forksafe.sqlalchemy.POLL_AFTER``, 50 µs, old; in C where ``forksafe._speedups`` is
+built), the same with the checkout methods in Python (what runs where it is not), the same
+polling at every checkout (``POLL_AFTER = 0``), and ``pool_pre_ping``.
 
 Cycles: ``checkout + SELECT 1`` (``with engine.connect() as c: c.execute(...)``, the
 pool's rollback on return included) and the bare pool cycle (``raw_connection().close()``
@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, text
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, QueuePool
 
 import forksafe
 from forksafe import _state
@@ -104,9 +104,27 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
-#: the tracked engine with the socket polled only after 1 ms since the previous checkout
-POLL_1MS = "forksafe, poll after 1 ms"
+#: the tracked engine with the socket polled at every checkout (POLL_AFTER = 0)
+POLL_EVERY = "forksafe, poll at every checkout"
 AA = "plain (A/A)"
+#: the tracked engine with the checkout methods in Python instead of C
+PY_METHODS = "forksafe, methods in Python"
+
+
+class _PythonMethodsPool(QueuePool):
+    """A QueuePool class of its own, whose tracked subclasses forksafe makes with the
+    checkout methods in Python (see python_methods)."""
+
+
+def python_methods(engine: Any) -> Any:
+    """``track(engine)`` with the checkout methods in Python, as where forksafe._speedups is
+    not built (``FORKSAFE_NO_SPEEDUPS=1``), for comparison with the C ones in one run."""
+    saved = adapter_module._speedups
+    adapter_module._speedups = None
+    try:
+        return forksafe.track(engine)
+    finally:
+        adapter_module._speedups = saved
 
 
 def paired_engines(url: str, shared: Any, **options: Any) -> dict[str, Any]:
@@ -120,21 +138,21 @@ def paired_engines(url: str, shared: Any, **options: Any) -> dict[str, Any]:
         "plain": make(),
         AA: make(),
         "forksafe": forksafe.track(make()),
-        POLL_1MS: forksafe.track(make()),
-        "forksafe, no idle check, no recycle": forksafe.track(make(), idle_check=None,
-                                                              recycle=None),
+        PY_METHODS: python_methods(make(poolclass=_PythonMethodsPool)),
+        POLL_EVERY: forksafe.track(make()),
         "pool_pre_ping": make(pool_pre_ping=True),
     }
 
 
 def timed(name: str, fn: Callable[[Any, int], Timing], engine: Any, n: int) -> Timing:
-    if name != POLL_1MS:
+    if name != POLL_EVERY:
         return fn(engine, n)
-    adapter_module.POLL_AFTER = 0.001
+    default = adapter_module.POLL_AFTER
+    adapter_module.POLL_AFTER = 0.0
     try:
         return fn(engine, n)
     finally:
-        adapter_module.POLL_AFTER = 0.0
+        adapter_module.POLL_AFTER = default
 
 
 class Results:

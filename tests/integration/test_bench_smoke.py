@@ -26,8 +26,8 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 #: script -> (whether it takes --url, table title prefix -> row names it must contain)
 EXPECTED: dict[str, tuple[bool, dict[str, set[str]]]] = {
     "bench_checkout.py": (True, {
-        "checkout + SELECT 1": {"plain", "plain (A/A)", "forksafe", "forksafe, poll after 1 ms",
-                                "forksafe, no idle check, no recycle", "pool_pre_ping"},
+        "checkout + SELECT 1": {"plain", "plain (A/A)", "forksafe", "forksafe, methods in Python",
+                                "forksafe, poll at every checkout", "pool_pre_ping"},
         "bare pool cycle": {"plain", "plain (A/A)", "forksafe"},
         "forksafe's per-checkout work": {"zero-timeout poll() of the socket"},
         "reset in a child": {"median"},

@@ -349,3 +349,162 @@ def test_instrument_puts_no_checkout_listener_on_pools(url: str) -> None:
     finally:
         forksafe.untrack(eng)
         eng.dispose()
+
+
+# -- the checkout methods in C (forksafe/_speedups.c) and in Python ---------------------------
+def test_the_c_checkout_methods_are_built_and_used() -> None:
+    """The install builds forksafe._speedups and tracked pools use it. Where no compiler is
+    there it may be missing (forksafe then runs the Python methods): not in CI."""
+    import os
+
+    if adapter_module._speedups is None and not os.environ.get("CI"):
+        pytest.skip("forksafe._speedups is not built here (no compiler?)")
+    assert adapter_module._speedups is not None
+    lean = adapter_module._tracked_classes(QueuePool)[0]
+    assert type(vars(lean)["connect"]).__name__ == "CheckoutMethod"
+    assert type(vars(lean)["_do_get"]).__name__ == "CheckoutMethod"
+
+
+def test_forksafe_no_speedups_turns_the_c_methods_off() -> None:
+    import subprocess
+    import sys
+
+    code = ("import forksafe.sqlalchemy as a; from sqlalchemy.pool import QueuePool; "
+            "print(a._speedups, type(vars(a._tracked_classes(QueuePool)[0])['connect']).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**__import__("os").environ,
+                                          "FORKSAFE_NO_SPEEDUPS": "1"}).stdout.split()
+    assert out == ["None", "function"]
+
+
+@pytest.fixture(params=["c", "python"])
+def variant_engine(request: pytest.FixtureRequest, url: str,
+                   monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """An engine whose tracked pool runs the checkout methods in C or in Python: a pool
+    class of its own, so that its tracked subclasses are made for this variant."""
+    if request.param == "c" and adapter_module._speedups is None:
+        pytest.skip("forksafe._speedups is not built here")
+    if request.param == "python":
+        monkeypatch.setattr(adapter_module, "_speedups", None)
+
+    class VariantPool(QueuePool):
+        pass
+
+    # pool_timeout: a checkout of an exhausted pool fails in seconds, not half a minute
+    eng = create_engine(url, poolclass=VariantPool, pool_size=2, max_overflow=0,
+                        pool_timeout=5)
+    forksafe.track(eng)
+    kind = type(vars(type(eng.pool))["_do_get"]).__name__
+    assert kind == ("CheckoutMethod" if request.param == "c" else "function")
+    yield eng
+    forksafe.untrack(eng)
+    eng.dispose()
+
+
+def _session_id(eng: Any) -> int:
+    with eng.connect() as conn:
+        return int(conn.execute(text("SELECT CONNECTION_ID()")).scalar())
+
+
+def test_hot_checkout_stamps_the_state_and_takes_no_slow_path(
+    variant_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = _session_id(variant_engine)
+    fairy = variant_engine.raw_connection()
+    state = fairy._connection_record.info[adapter_module._STATE_KEY]
+    fairy.close()
+    assert state.fd >= 0
+    slow: list[Any] = []
+    real = adapter_module.EngineAdapter._checkout_slow
+    monkeypatch.setattr(adapter_module.EngineAdapter, "_checkout_slow",
+                        lambda *a: slow.append(a) or real(*a))
+    before = state.last
+    assert _session_id(variant_engine) == first
+    assert state.last > before
+    assert slow == []
+
+
+@pytest.mark.parametrize("threshold", [3600, 3600.0, "odd"])
+def test_a_threshold_of_any_type_is_honoured(
+    variant_engine: Any, monkeypatch: pytest.MonkeyPatch, threshold: Any
+) -> None:
+    """An int threshold (recycle=3600) takes the fast path like a float; anything else
+    goes to the full path, which decides (and a wrong type is reported, never raised)."""
+    _session_id(variant_engine)
+    fairy = variant_engine.raw_connection()
+    state = fairy._connection_record.info[adapter_module._STATE_KEY]
+    fairy.close()
+    state.threshold = threshold
+    slow: list[Any] = []
+    reported: list[BaseException] = []
+    monkeypatch.setattr(_fork, "report_internal_error", lambda err, what="": reported.append(err))
+    real = adapter_module.EngineAdapter._checkout_slow
+    monkeypatch.setattr(adapter_module.EngineAdapter, "_checkout_slow",
+                        lambda *a: slow.append(a) or real(*a))
+    with variant_engine.connect() as conn:
+        assert conn.execute(text("SELECT 1")).scalar() == 1
+    assert (len(slow), reported) == ((1, []) if threshold == "odd" else (0, []))
+
+
+def _kill(url: str, victim: int) -> None:
+    """KILL a session and wait (bounded) until the server has ended it."""
+    killer = create_engine(url, poolclass=NullPool)
+    try:
+        with killer.connect() as conn:
+            conn.execute(text(f"KILL {victim}"))
+            for _ in range(500):
+                alive = conn.execute(text(
+                    f"SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = {victim}"
+                )).scalar()
+                if not alive:
+                    return
+                time.sleep(0.01)
+        pytest.fail(f"the server did not end session {victim} after KILL")
+    finally:
+        killer.dispose()
+
+
+def test_a_session_killed_while_idle_is_replaced_before_use(
+    variant_engine: Any, url: str
+) -> None:
+    """The server ends an idle pooled session (KILL): its socket turns readable, and the
+    next checkout hands out a new session instead of failing a request."""
+    victim = _session_id(variant_engine)
+    _kill(url, victim)
+    assert _session_id(variant_engine) != victim  # no error: replaced before use
+
+
+def test_poll_after_skips_the_poll_of_a_connection_used_that_recently(
+    variant_engine: Any, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both variants read POLL_AFTER at each checkout: within it, the socket is not polled
+    (here an hour, so the killed session is handed out and its statement fails: the
+    control that the check above is the poll's doing)."""
+    victim = _session_id(variant_engine)
+    monkeypatch.setattr(adapter_module, "POLL_AFTER", 3600.0)
+    _kill(url, victim)
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        _session_id(variant_engine)
+
+
+def test_an_interrupt_in_the_fast_path_gives_the_record_back(
+    variant_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KeyboardInterrupt raised while forksafe looks at a record (here: reading its info)
+    propagates, and the record goes back to the pool: no slot is lost."""
+    _session_id(variant_engine)
+    fairy = variant_engine.raw_connection()
+    record_class = type(fairy._connection_record)
+    fairy.close()
+    info = record_class.info
+
+    def interrupted(self: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(record_class, "info", property(interrupted))
+    for _ in range(4):  # twice pool_size: a lost slot would exhaust the pool
+        with pytest.raises(KeyboardInterrupt):
+            variant_engine.raw_connection()
+    monkeypatch.setattr(record_class, "info", info)
+    assert variant_engine.pool.checkedout() == 0
+    assert _session_id(variant_engine) > 0
