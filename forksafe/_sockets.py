@@ -112,7 +112,7 @@ def neutralise_fd(fd: int) -> bool:
         return False
     # The C socket type, not socket.socket: this runs in every forked worker, and the
     # Python layer's enum conversions would touch (copy) pages of the parent's memory for
-    # nothing (about 0.4 MiB per worker of a preloaded Flask app).
+    # nothing (about 130 KiB per worker of the preloaded Flask example).
     probe = _socket.socket(fileno=fd)  # reads family and type from the kernel
     try:
         family, kind = probe.family, probe.type

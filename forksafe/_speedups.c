@@ -28,10 +28,8 @@
 #include <stddef.h>
 #include <time.h>
 
-enum { CONNECT, DO_GET };
-
-/* References a hook keeps. CONNECT: checkout, checked, base, own, holds, hold_late, mark.
- * DO_GET: base, finish, give_back, key, globals, state class. */
+/* References a hook keeps. connect: checkout, checked, base, own, holds, hold_late, mark.
+ * _do_get: base, finish, give_back, key, globals, state class. */
 #define NREFS 7
 
 typedef struct {
@@ -39,10 +37,10 @@ typedef struct {
     vectorcallfunc vectorcall;
     PyObject *name;
     PyObject *refs[NREFS];
-    Py_buffer mark;      /* CONNECT: the wipe-on-fork byte */
+    Py_buffer mark;      /* connect: the wipe-on-fork byte */
     int has_mark;
-    short events;        /* DO_GET: what the poll asks for */
-    /* DO_GET: where the state class (refs[5], exactly; a subclass takes the full path)
+    short events;        /* _do_get: what the poll asks for */
+    /* _do_get: where the state class (refs[5], exactly; a subclass takes the full path)
      * keeps its slots, read and written as its slot descriptors would */
     Py_ssize_t off_last, off_threshold, off_fd;
 } Hook;
@@ -388,8 +386,7 @@ static PyMethodDef methods[] = {
      "connect() with the fork check."},
     {"do_get", make_do_get, METH_VARARGS,
      "do_get(base_do_get, finish, give_back, key, globals, state_class, events): a pool's "
-     "_do_get() "
-     "with the liveness check."},
+     "_do_get() with the liveness check."},
     {NULL},
 };
 

@@ -35,6 +35,13 @@ def wait_until(condition: Any, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+def session_id(engine: Any) -> int:
+    """The MySQL/MariaDB session (``CONNECTION_ID()``) of a connection checked out of
+    ``engine``, used and returned."""
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one())
+
+
 def open_pooled(engine: Any, session_id_sql: str, n: int = POOLED) -> list[int]:
     """Open ``n`` connections at once, use each, return them all: ``n`` idle in the pool.
     Returns their server session ids (``session_id_sql``: the dialect's query for it)."""

@@ -21,6 +21,7 @@ from sqlalchemy import create_engine, exc, text
 
 import forksafe
 from forksafe import errors
+from tests.integration._liveness import session_id
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(300)]
 
@@ -33,11 +34,6 @@ def table(mysql_server: Any) -> Iterator[str]:
         yield name
     finally:
         mysql_server.execute(f"DROP TABLE IF EXISTS forksafe.{name}")
-
-
-def _session_id(engine: Any) -> int:
-    with engine.connect() as conn:
-        return int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one())
 
 
 @pytest.fixture
@@ -58,7 +54,7 @@ def test_duplicate_key_that_reads_like_a_disconnect(
     try:
         with engine.begin() as conn:
             conn.execute(text(f"INSERT INTO {table} VALUES (:n)"), {"n": note})
-        before = _session_id(engine)
+        before = session_id(engine)
         calls = []
 
         @forksafe.retry_on_disconnect(attempts=4, backoff=0.0)
@@ -71,7 +67,7 @@ def test_duplicate_key_that_reads_like_a_disconnect(
             insert_again()
         assert caught.value.orig.args[0] == 1062
         assert len(calls) == 1, "a deterministic failure was repeated"
-        assert _session_id(engine) == before, "the healthy session was dropped"
+        assert session_id(engine) == before, "the healthy session was dropped"
         assert [r.getMessage() for r in caplog.records if r.name == "forksafe"
                 and r.levelno >= logging.INFO] == []
     finally:
@@ -88,7 +84,7 @@ def test_integrity_error_raised_while_handling_a_disconnect(mysql_server: Any,
     try:
         with fallback.begin() as conn:
             conn.execute(text(f"INSERT INTO {table} VALUES ('taken')"))
-        healthy = _session_id(fallback)
+        healthy = session_id(fallback)
 
         def write_with_fallback(conn: Any) -> None:
             try:
@@ -104,7 +100,7 @@ def test_integrity_error_raised_while_handling_a_disconnect(mysql_server: Any,
                 write_with_fallback(conn)
         assert isinstance(caught.value.orig.__context__, exc.OperationalError)
         assert errors.classify(caught.value) is None
-        assert _session_id(fallback) == healthy, "the healthy engine's session was dropped"
+        assert session_id(fallback) == healthy, "the healthy engine's session was dropped"
     finally:
         for engine in (primary, fallback):
             engine.dispose()

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from tests.integration.scripts._child import mysql_session_id
+
 pytestmark = [pytest.mark.mariadb]
 
 SCRIPT = Path(__file__).parent / "scripts" / "driver_scenario.py"
@@ -231,14 +233,6 @@ def _track_with(conn: Any, socket_fd: Any) -> None:
                                                   origin="test"))
 
 
-def _session_id(conn: Any) -> int:
-    cur = conn.cursor()
-    cur.execute("SELECT CONNECTION_ID()")
-    (cid,) = cur.fetchone()
-    cur.close()
-    return int(cid)
-
-
 def test_a_socket_accessor_that_fails_is_never_read_as_closed(mariadb: Any) -> None:
     """A driver whose socket accessor raises in the child (an API that moved; mysqlclient
     refusing ``fileno()`` on a connection another thread was using at the fork) is never
@@ -294,26 +288,26 @@ def test_a_socket_accessor_that_fails_is_never_read_as_closed(mariadb: Any) -> N
 
     control = MySQLdb.connect(**mariadb.connect_kwargs(), autocommit=True)
     _track_with(control, closed_in_child)
-    control_id = _session_id(control)
+    control_id = mysql_session_id(control)
     in_child(control, close=True)
     assert mariadb.quit_logged(control_id), "control: the child's close() did not quit"
     with pytest.raises(MySQLdb.OperationalError):
-        _session_id(control)
+        mysql_session_id(control)
 
     conn = MySQLdb.connect(**mariadb.connect_kwargs(), autocommit=True)
     _track_with(conn, drifted)
-    cid = _session_id(conn)
+    cid = mysql_session_id(conn)
     result = in_child(conn, close=True)  # run_in_child: the child reported no internal error
     assert any("could not tell" in m and "neutralised descriptor" in m for m in result["log"])
-    assert _session_id(conn) == cid
+    assert mysql_session_id(conn) == cid
     assert not mariadb.quit_logged(cid), "a Quit reached the parent's session"
 
     blind = MySQLdb.connect(**mariadb.connect_kwargs(), autocommit=True)
     _track_with(blind, always_fails)
-    blind_id = _session_id(blind)
+    blind_id = mysql_session_id(blind)
     result = in_child(blind, close=False, allow_errors=True)
     assert any("has no attribute 'fileno'" in e for e in result["errors"]), result
-    assert _session_id(blind) == blind_id
+    assert mysql_session_id(blind) == blind_id
     assert not mariadb.quit_logged(blind_id)
     for c in (conn, blind):
         c.close()

@@ -12,27 +12,23 @@ import os
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
 
 import forksafe
 from forksafe import _fork
 from forksafe._registry import REGISTRY
 from forksafe.gunicorn import post_fork
 from tests.forking import run_in_child
+from tests.integration._liveness import session_id
 
 pytestmark = [pytest.mark.mariadb]
-
-
-def connection_id(engine: Any) -> int:
-    with engine.connect() as conn:
-        return int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one())
 
 
 @pytest.fixture
 def engine(mariadb: Any) -> Any:
     """A tracked engine with one connection open (idle in its pool) before any fork."""
     eng = forksafe.track(create_engine(mariadb.url(), pool_size=2))
-    connection_id(eng)
+    session_id(eng)
     yield eng
     forksafe.untrack(eng)
     eng.dispose()
@@ -46,11 +42,11 @@ def test_several_hooks_on_one_fork_reset_once(engine: Any) -> None:
         resets_after_hook = _fork._STATE.resets
         post_fork(None, None)
         again = forksafe.after_fork()
-        connection_id(engine)  # the fresh pool replaces the inherited one at first checkout
+        session_id(engine)  # the fresh pool replaces the inherited one at first checkout
         pool_after_hook = id(engine.pool)
         post_fork(None, None)
         forksafe.after_fork()
-        connection_id(engine)
+        session_id(engine)
         return {
             "pool_changed": pool_after_hook != pool_before,
             "resets": resets_after_hook,
@@ -74,25 +70,25 @@ def test_fork_no_hook_saw_is_caught_at_checkout(mariadb: Any, engine: Any) -> No
 
     The child gets a session of its own and the parent's session never receives a Quit.
     """
-    parent_id = connection_id(engine)
+    parent_id = session_id(engine)
 
     def child() -> dict:
         before = _fork._STATE.resets
-        cid = connection_id(engine)
+        cid = session_id(engine)
         return {"cid": cid, "reset_by_checkout": _fork._STATE.resets - before}
 
     result = run_in_child(child, hooks=False)
     assert result["reset_by_checkout"] == 1
     assert result["cid"] != parent_id
-    assert connection_id(engine) == parent_id
+    assert session_id(engine) == parent_id
     assert not mariadb.quit_logged(parent_id)
 
 
 def test_fork_no_hook_saw_damages_an_untracked_engine(mariadb: Any) -> None:
     """The same libc fork with an untracked engine: the child reuses the parent's session."""
     eng = create_engine(mariadb.url(), pool_size=2)
-    parent_id = connection_id(eng)
-    result = run_in_child(lambda: connection_id(eng), hooks=False)
+    parent_id = session_id(eng)
+    result = run_in_child(lambda: session_id(eng), hooks=False)
     assert result == parent_id
     eng.dispose()
 
@@ -125,7 +121,7 @@ def test_after_fork_resets_a_child_that_no_hook_saw(mariadb: Any) -> None:
 
 
 def _worker_connection_id(url: str) -> tuple[int, int]:
-    return os.getpid(), connection_id(_MP_ENGINE[url])
+    return os.getpid(), session_id(_MP_ENGINE[url])
 
 
 _MP_ENGINE: dict[str, Any] = {}
@@ -136,7 +132,7 @@ def test_multiprocessing_fork_pool_workers_get_their_own_sessions(mariadb: Any) 
     url = mariadb.url()
     eng = forksafe.track(create_engine(url, pool_size=2))
     _MP_ENGINE[url] = eng
-    parent_id = connection_id(eng)
+    parent_id = session_id(eng)
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(3) as pool:
         results = pool.map(_worker_connection_id, [url] * 30)
@@ -147,7 +143,7 @@ def test_multiprocessing_fork_pool_workers_get_their_own_sessions(mariadb: Any) 
     assert parent_id not in all_ids
     for pid, ids in by_pid.items():
         assert not ids & set().union(*(v for p, v in by_pid.items() if p != pid))
-    assert connection_id(eng) == parent_id
+    assert session_id(eng) == parent_id
     assert not mariadb.quit_logged(parent_id)
     forksafe.untrack(eng)
     eng.dispose()
@@ -216,7 +212,7 @@ def test_fork_time_failures_are_logged_not_raised(engine: Any) -> None:
         def child() -> dict:
             return {
                 "errors": [repr(e) for e in forksafe.internal_errors()],
-                "cid": connection_id(engine),  # the other engine was still reset
+                "cid": session_id(engine),  # the other engine was still reset
             }
 
         result = run_in_child(child, allow_internal_errors=True)

@@ -11,6 +11,9 @@ left the queue, and a pool that is looked at, never connected, at ``track()`` ti
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +29,7 @@ from forksafe import sqlalchemy as adapter_module
 from forksafe._registry import REGISTRY
 from forksafe.drivers import unwrap
 from tests.forking import run_in_child
+from tests.integration._liveness import session_id, wait_until
 
 pytestmark = [pytest.mark.mariadb]
 
@@ -355,8 +359,6 @@ def test_instrument_puts_no_checkout_listener_on_pools(url: str) -> None:
 def test_the_c_checkout_methods_are_built_and_used() -> None:
     """The install builds forksafe._speedups and tracked pools use it. Where no compiler is
     there it may be missing (forksafe then runs the Python methods): not in CI."""
-    import os
-
     if adapter_module._speedups is None and not os.environ.get("CI"):
         pytest.skip("forksafe._speedups is not built here (no compiler?)")
     assert adapter_module._speedups is not None
@@ -366,14 +368,10 @@ def test_the_c_checkout_methods_are_built_and_used() -> None:
 
 
 def test_forksafe_no_speedups_turns_the_c_methods_off() -> None:
-    import subprocess
-    import sys
-
     code = ("import forksafe.sqlalchemy as a; from sqlalchemy.pool import QueuePool; "
             "print(a._speedups, type(vars(a._tracked_classes(QueuePool)[0])['connect']).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, env={**__import__("os").environ,
-                                          "FORKSAFE_NO_SPEEDUPS": "1"}).stdout.split()
+                         check=True, env={**os.environ, "FORKSAFE_NO_SPEEDUPS": "1"}).stdout.split()
     assert out == ["None", "function"]
 
 
@@ -401,15 +399,10 @@ def variant_engine(request: pytest.FixtureRequest, url: str,
     eng.dispose()
 
 
-def _session_id(eng: Any) -> int:
-    with eng.connect() as conn:
-        return int(conn.execute(text("SELECT CONNECTION_ID()")).scalar())
-
-
 def test_hot_checkout_stamps_the_state_and_takes_no_slow_path(
     variant_engine: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = _session_id(variant_engine)
+    first = session_id(variant_engine)
     fairy = variant_engine.raw_connection()
     state = fairy._connection_record.info[adapter_module._STATE_KEY]
     fairy.close()
@@ -419,7 +412,7 @@ def test_hot_checkout_stamps_the_state_and_takes_no_slow_path(
     monkeypatch.setattr(adapter_module.EngineAdapter, "_checkout_slow",
                         lambda *a: slow.append(a) or real(*a))
     before = state.last
-    assert _session_id(variant_engine) == first
+    assert session_id(variant_engine) == first
     assert state.last > before
     assert slow == []
 
@@ -430,7 +423,7 @@ def test_a_threshold_of_any_type_is_honoured(
 ) -> None:
     """An int threshold (recycle=3600) takes the fast path like a float; anything else
     goes to the full path, which decides (and a wrong type is reported, never raised)."""
-    _session_id(variant_engine)
+    session_id(variant_engine)
     fairy = variant_engine.raw_connection()
     state = fairy._connection_record.info[adapter_module._STATE_KEY]
     fairy.close()
@@ -446,45 +439,35 @@ def test_a_threshold_of_any_type_is_honoured(
     assert (len(slow), reported) == ((1, []) if threshold == "odd" else (0, []))
 
 
-def _kill(url: str, victim: int) -> None:
+def _kill(server: Any, victim: int) -> None:
     """KILL a session and wait (bounded) until the server has ended it."""
-    killer = create_engine(url, poolclass=NullPool)
-    try:
-        with killer.connect() as conn:
-            conn.execute(text(f"KILL {victim}"))
-            for _ in range(500):
-                alive = conn.execute(text(
-                    f"SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = {victim}"
-                )).scalar()
-                if not alive:
-                    return
-                time.sleep(0.01)
-        pytest.fail(f"the server did not end session {victim} after KILL")
-    finally:
-        killer.dispose()
+    server.execute(f"KILL CONNECTION {victim}")
+    wait_until(lambda: not server.execute(
+        f"SELECT ID FROM information_schema.PROCESSLIST WHERE ID = {victim}"),
+        f"the server ended session {victim} after KILL")
 
 
 def test_a_session_killed_while_idle_is_replaced_before_use(
-    variant_engine: Any, url: str
+    variant_engine: Any, mysql_server: Any
 ) -> None:
     """The server ends an idle pooled session (KILL): its socket turns readable, and the
     next checkout hands out a new session instead of failing a request."""
-    victim = _session_id(variant_engine)
-    _kill(url, victim)
-    assert _session_id(variant_engine) != victim  # no error: replaced before use
+    victim = session_id(variant_engine)
+    _kill(mysql_server, victim)
+    assert session_id(variant_engine) != victim  # no error: replaced before use
 
 
 def test_poll_after_skips_the_poll_of_a_connection_used_that_recently(
-    variant_engine: Any, url: str, monkeypatch: pytest.MonkeyPatch
+    variant_engine: Any, mysql_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Both variants read POLL_AFTER at each checkout: within it, the socket is not polled
     (here an hour, so the killed session is handed out and its statement fails: the
     control that the check above is the poll's doing)."""
-    victim = _session_id(variant_engine)
+    victim = session_id(variant_engine)
     monkeypatch.setattr(adapter_module, "POLL_AFTER", 3600.0)
-    _kill(url, victim)
+    _kill(mysql_server, victim)
     with pytest.raises(sqlalchemy.exc.OperationalError):
-        _session_id(variant_engine)
+        session_id(variant_engine)
 
 
 def test_an_interrupt_in_the_fast_path_gives_the_record_back(
@@ -492,7 +475,7 @@ def test_an_interrupt_in_the_fast_path_gives_the_record_back(
 ) -> None:
     """KeyboardInterrupt raised while forksafe looks at a record (here: reading its info)
     propagates, and the record goes back to the pool: no slot is lost."""
-    _session_id(variant_engine)
+    session_id(variant_engine)
     fairy = variant_engine.raw_connection()
     record_class = type(fairy._connection_record)
     fairy.close()
@@ -507,4 +490,4 @@ def test_an_interrupt_in_the_fast_path_gives_the_record_back(
             variant_engine.raw_connection()
     monkeypatch.setattr(record_class, "info", info)
     assert variant_engine.pool.checkedout() == 0
-    assert _session_id(variant_engine) > 0
+    assert session_id(variant_engine) > 0

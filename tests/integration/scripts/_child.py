@@ -1,7 +1,8 @@
 """What the fork scenario scripts share: a child that reports back, the parent's last word,
 the forksafe log kept, and a MySQL session id.
 
-The scripts run as ``python scripts/NAME.py``, so this module imports as ``_child``.
+The scripts run as ``python scripts/NAME.py``, so this module imports as ``_child`` there;
+tests import it as ``tests.integration.scripts._child``.
 """
 
 from __future__ import annotations
