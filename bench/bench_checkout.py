@@ -30,7 +30,10 @@ Engines: plain, a second plain one (A/A), tracked with forksafe's defaults (the 
 and a zero-timeout ``poll()`` of the socket at every checkout whose previous one is at
 least ``forksafe.sqlalchemy.POLL_AFTER``, 50 µs, old; in C where ``forksafe._speedups`` is
 built), the same with the checkout methods in Python (what runs where it is not), the same
-polling at every checkout (``POLL_AFTER = 0``), and ``pool_pre_ping``.
+polling at every checkout (``POLL_AFTER = 0``), the same with its dialect's ``_has_events``
+left to SQLAlchemy (which then looks for ``do_execute`` listeners at every statement, as it
+did before forksafe answered that flag itself; SQLAlchemy 1.4 is not changed either way),
+and ``pool_pre_ping``.
 
 Cycles: ``checkout + SELECT 1`` (``with engine.connect() as c: c.execute(...)``, the
 pool's rollback on return included) and the bare pool cycle (``raw_connection().close()``
@@ -111,6 +114,21 @@ AA = "plain (A/A)"
 PY_METHODS = "forksafe, methods in Python"
 
 
+#: the tracked engine with its dialect's _has_events left to SQLAlchemy (true for good once
+#: forksafe's handle_error listener is added), as before forksafe answered it itself
+SA_FLAG = "forksafe, dialect flag left to SQLAlchemy"
+
+
+def sqlalchemy_flag(engine: Any) -> Any:
+    """``track(engine)`` with the dialect's class left as it is (what SQLAlchemy 1.4 gets)."""
+    saved = adapter_module._HANDLE_ERROR_ON_DIALECT
+    adapter_module._HANDLE_ERROR_ON_DIALECT = False
+    try:
+        return forksafe.track(engine)
+    finally:
+        adapter_module._HANDLE_ERROR_ON_DIALECT = saved
+
+
 class _PythonMethodsPool(QueuePool):
     """A QueuePool class of its own, whose tracked subclasses forksafe makes with the
     checkout methods in Python (see python_methods)."""
@@ -140,6 +158,7 @@ def paired_engines(url: str, shared: Any, **options: Any) -> dict[str, Any]:
         "forksafe": forksafe.track(make()),
         PY_METHODS: python_methods(make(poolclass=_PythonMethodsPool)),
         POLL_EVERY: forksafe.track(make()),
+        SA_FLAG: sqlalchemy_flag(make()),
         "pool_pre_ping": make(pool_pre_ping=True),
     }
 

@@ -1,7 +1,8 @@
 /*
- * forksafe._speedups: the two methods a tracked SQLAlchemy pool runs at every checkout,
- * in C. Optional: forksafe/sqlalchemy.py has the same methods in Python and uses them when
- * this module is not built (or FORKSAFE_NO_SPEEDUPS=1 is set).
+ * forksafe._speedups: the two methods a tracked SQLAlchemy pool runs at every checkout, and
+ * the flag its dialect is asked at every statement, in C. Optional: forksafe/sqlalchemy.py
+ * has the same code in Python and uses it when this module is not built (or
+ * FORKSAFE_NO_SPEEDUPS=1 is set).
  *
  * Each method does exactly what its Python twin does (see _make_classes there), minus the
  * interpreter's frame, and the liveness poll without releasing the GIL (its timeout is 0,
@@ -16,6 +17,11 @@
  *                  (_finish_checkout), which reports what went wrong; only an exception that
  *                  is not an Exception (KeyboardInterrupt) propagates, after the record was
  *                  given back to the pool.
+ *
+ *   dialect_has_events(dialect)
+ *                  a tracked dialect's _has_events, which SQLAlchemy reads at every
+ *                  statement: true when the application listens for dialect events, or
+ *                  while an exception is being handled (forksafe's handle_error listener).
  *
  * Concurrency: both run with the GIL held from start to end (no Python code runs between
  * reading the state and writing state.last except the base _do_get, which runs before), so
@@ -46,6 +52,7 @@ typedef struct {
 } Hook;
 
 static PyObject *s_info, *s_pid, *s_forksafe_pid, *s_poll_after;
+static PyObject *s_user_events, *s_forksafe_base, *s_has_events;
 
 /* -- connect --------------------------------------------------------------------------- */
 static PyObject *
@@ -380,7 +387,58 @@ make_do_get(PyObject *module, PyObject *args)
     return (PyObject *)h;
 }
 
+/* -- a tracked dialect's _has_events ---------------------------------------------------- */
+/* 1 if an exception is being handled in this thread (sys.exception() is not None), else 0 */
+static int
+handling_exception(void)
+{
+#if PY_VERSION_HEX >= 0x030B0000
+    PyObject *exc = PyErr_GetHandledException();
+    int handling = exc != NULL && exc != Py_None;
+    Py_XDECREF(exc);
+#else
+    PyObject *type, *exc, *tb;
+    PyErr_GetExcInfo(&type, &exc, &tb);
+    int handling = exc != NULL && exc != Py_None;
+    Py_XDECREF(type);
+    Py_XDECREF(exc);
+    Py_XDECREF(tb);
+#endif
+    return handling;
+}
+
+/* 1/0 for a true/false attribute, -1 with an error set */
+static int
+attr_true(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+static PyObject *
+dialect_has_events(PyObject *module, PyObject *dialect)
+{
+    int r = attr_true(dialect, s_user_events);  /* the application's own listeners */
+    if (r == 0) {
+        PyObject *base = PyObject_GetAttr((PyObject *)Py_TYPE(dialect), s_forksafe_base);
+        if (base == NULL)
+            return NULL;
+        r = attr_true(base, s_has_events);  /* listeners on the dialect's class */
+        Py_DECREF(base);
+    }
+    if (r < 0)
+        return NULL;
+    return PyBool_FromLong(r || handling_exception());
+}
+
 static PyMethodDef methods[] = {
+    {"dialect_has_events", dialect_has_events, METH_O,
+     "dialect_has_events(dialect): a tracked dialect's _has_events (see _dialect_has_events "
+     "in forksafe/sqlalchemy.py)."},
     {"connect", make_connect, METH_VARARGS,
      "connect(checkout, checked, base_connect, own, holds, hold_late, mark): a pool's "
      "connect() with the fork check."},
@@ -392,7 +450,8 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "forksafe._speedups",
-    "The tracked pool's checkout methods in C (optional; see forksafe/_speedups.c).", -1,
+    "A tracked engine's per-checkout and per-statement code in C (optional; see "
+    "forksafe/_speedups.c).", -1,
     methods,
 };
 
@@ -406,6 +465,9 @@ PyInit__speedups(void)
     INTERN(s_pid, "pid");
     INTERN(s_forksafe_pid, "_forksafe_pid");
     INTERN(s_poll_after, "POLL_AFTER");
+    INTERN(s_user_events, "_forksafe_user_events");
+    INTERN(s_forksafe_base, "_forksafe_base");
+    INTERN(s_has_events, "_has_events");
 #undef INTERN
     return PyModule_Create(&module_def);
 }

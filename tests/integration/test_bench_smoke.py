@@ -27,7 +27,8 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 EXPECTED: dict[str, tuple[bool, dict[str, set[str]]]] = {
     "bench_checkout.py": (True, {
         "checkout + SELECT 1": {"plain", "plain (A/A)", "forksafe", "forksafe, methods in Python",
-                                "forksafe, poll at every checkout", "pool_pre_ping"},
+                                "forksafe, poll at every checkout",
+                                "forksafe, dialect flag left to SQLAlchemy", "pool_pre_ping"},
         "bare pool cycle": {"plain", "plain (A/A)", "forksafe"},
         "forksafe's per-checkout work": {"zero-timeout poll() of the socket"},
         "reset in a child": {"median"},

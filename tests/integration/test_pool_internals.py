@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -491,3 +492,155 @@ def test_an_interrupt_in_the_fast_path_gives_the_record_back(
     monkeypatch.setattr(record_class, "info", info)
     assert variant_engine.pool.checkedout() == 0
     assert session_id(variant_engine) > 0
+
+
+# -- the tracked dialect's _has_events (SQLAlchemy 2.x) ---------------------------------------
+needs_dialect_handle_error = pytest.mark.skipif(
+    not adapter_module._HANDLE_ERROR_ON_DIALECT,
+    reason="SQLAlchemy 1.4 dispatches handle_error from the engine: the dialect is unchanged",
+)
+
+
+def _getter(engine: Any) -> Any:
+    return vars(type(engine.dialect))["_has_events"].fget
+
+
+def _variant_getter(engine: Any) -> Any:
+    """The _has_events getter the variant under test must use."""
+    c_pool = type(vars(type(engine.pool))["_do_get"]).__name__ == "CheckoutMethod"
+    return adapter_module._speedups.dialect_has_events if c_pool else (
+        adapter_module._dialect_has_events)
+
+
+@needs_dialect_handle_error
+def test_a_tracked_dialect_has_events_only_while_an_exception_is_handled(
+    variant_engine: Any,
+) -> None:
+    """At a statement SQLAlchemy finds no dialect listener to look for (forksafe's
+    handle_error is only wanted from an except block, where SQLAlchemy dispatches it)."""
+    dialect = variant_engine.dialect
+    assert _getter(variant_engine) is _variant_getter(variant_engine)
+    assert isinstance(dialect, type(dialect)._forksafe_base)
+    seen: list[bool] = []
+    sqlalchemy.event.listen(variant_engine, "before_cursor_execute",
+                            lambda *args: seen.append(dialect._has_events))
+    with variant_engine.connect() as conn:
+        assert conn.execute(text("SELECT 1")).scalar() == 1
+    assert seen == [False]
+    try:
+        raise ValueError("handled")
+    except ValueError:
+        assert dialect._has_events is True
+    assert dialect._has_events is False
+
+
+@needs_dialect_handle_error
+def test_errors_reach_forksafe_without_the_dialect_flag(
+    variant_engine: Any, mysql_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """forksafe's handle_error still runs for a statement's error and a connect error: the
+    KILLed session's error is explained, and so is a refused connection."""
+    caplog.set_level("WARNING", logger="forksafe")
+    forksafe.errors.reset_reported()
+    with variant_engine.connect() as conn:
+        victim = int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one())
+        _kill(mysql_server, victim)
+        with pytest.raises(sqlalchemy.exc.OperationalError) as info:
+            conn.execute(text("SELECT 1"))
+    assert info.value.connection_invalidated
+    assert type(variant_engine.dialect)._forksafe_user_events is False  # no listener of ours
+    explained = [r.getMessage() for r in caplog.records if "Likely cause" in r.getMessage()]
+    assert len(explained) == 1, explained
+
+    refused = create_engine(UNREACHABLE, poolclass=type(variant_engine.pool).__base__)
+    forksafe.track(refused)
+    try:
+        assert _getter(refused) is _variant_getter(variant_engine)
+        with pytest.raises(sqlalchemy.exc.OperationalError):
+            refused.connect()
+    finally:
+        forksafe.untrack(refused)
+    explained = [r.getMessage() for r in caplog.records if "Likely cause" in r.getMessage()]
+    assert len(explained) == 2, explained
+    assert "Cannot connect to the database server" in explained[1]
+
+
+@needs_dialect_handle_error
+@pytest.mark.parametrize("when", ["before track", "after track"])
+def test_the_applications_dialect_listeners_still_run(
+    variant_engine: Any, url: str, when: str
+) -> None:
+    """A do_execute and a handle_error listener of the application's (on the engine, before
+    or after track()) run as without forksafe, and untrack() keeps them running."""
+    eng = variant_engine
+    if when == "before track":
+        forksafe.untrack(eng)
+    executed: list[str] = []
+    failed: list[BaseException] = []
+
+    def do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
+        executed.append(statement)
+
+    sqlalchemy.event.listen(eng, "do_execute", do_execute)
+    sqlalchemy.event.listen(eng, "handle_error", lambda ctx: failed.append(ctx.original_exception))
+    if when == "before track":
+        forksafe.track(eng)
+        assert _getter(eng) is _variant_getter(eng)
+    assert eng.dialect._has_events is True
+    with eng.connect() as conn:
+        conn.execute(text("SELECT :x"), {"x": 1})
+        with pytest.raises(sqlalchemy.exc.ProgrammingError):
+            conn.execute(text("SELECT * FROM no_such_table_here"), {"x": 1})
+    assert executed[-2:] == ["SELECT %s", "SELECT * FROM no_such_table_here"]
+    assert len(failed) == 1
+    forksafe.untrack(eng)
+    assert "_forksafe_base" not in vars(type(eng.dialect))
+    assert eng.dialect._has_events is True
+    with eng.connect() as conn:
+        conn.execute(text("SELECT :x"), {"x": 2})
+    assert executed[-1] == "SELECT %s"
+
+
+@needs_dialect_handle_error
+def test_untrack_gives_the_dialect_back_and_statements_stay_cached(url: str) -> None:
+    eng = create_engine(url)
+    original = type(eng.dialect)
+    before = dict(vars(eng.dialect))
+    forksafe.track(eng)
+    assert type(eng.dialect) is not original
+    assert type(eng.dialect).__name__ == original.__name__
+    statement = sqlalchemy.select(sqlalchemy.literal_column("1"))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # SQLAlchemy warns if a dialect class caches nothing
+            with eng.connect() as conn:
+                for _ in range(3):
+                    assert conn.execute(statement).scalar() == 1
+        assert eng.dialect._supports_statement_cache is True
+        assert len(eng._compiled_cache) == 1
+    finally:
+        forksafe.untrack(eng)
+    assert type(eng.dialect) is original
+    assert eng.dialect._has_events is False  # no listener left: SQLAlchemy looks for none
+    assert not any(k.startswith("_forksafe") for k in vars(eng.dialect))
+    assert before.keys() <= vars(eng.dialect).keys()
+    eng.dispose()
+
+
+@pytest.mark.parametrize("variant", ["c", "python"])
+def test_the_dialect_flag_counts_listeners_on_the_dialect_class(variant: str) -> None:
+    """Listeners on the dialect's class (SQLAlchemy sets the class's _has_events) count,
+    and so do the application's own on the instance."""
+    if variant == "c" and adapter_module._speedups is None:
+        pytest.skip("forksafe._speedups is not built here")
+    getter = (adapter_module._speedups.dialect_has_events if variant == "c"
+              else adapter_module._dialect_has_events)
+    base = type("Dialect", (), {"_has_events": False})
+    tracked = type("Dialect", (base,), {"_forksafe_base": base, "_forksafe_user_events": False})
+    dialect = tracked()
+    assert getter(dialect) is False
+    base._has_events = True
+    assert getter(dialect) is True
+    base._has_events = False
+    dialect._forksafe_user_events = True
+    assert getter(dialect) is True
