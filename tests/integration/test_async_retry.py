@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from sqlalchemy import exc, text
+from sqlalchemy import event, exc, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import forksafe
+import forksafe.sqlalchemy
 
 DRIVERS = [
     pytest.param("psycopg_async", marks=pytest.mark.postgres),
@@ -122,3 +123,34 @@ def test_async_for_retrying_survives_an_ended_session(target: Target) -> None:
     assert result == 42
     assert len(sessions) == 2, sessions
     assert sessions[0] != sessions[1], sessions
+
+
+def test_forksafe_handles_the_error_inside_the_greenlet(
+    target: Target, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An AsyncEngine runs SQLAlchemy's sync code in a greenlet: forksafe's handle_error
+    runs there too (the ended session's error is flagged as a disconnect and explained in
+    forksafe's log), while at statements the tracked dialect reports no listeners."""
+    caplog.set_level("WARNING", logger="forksafe")
+    forksafe.errors.reset_reported()
+    flags: list[bool] = []
+
+    async def main() -> exc.DBAPIError:
+        engine = forksafe.track(create_async_engine(target.url))
+        sync_engine = engine.sync_engine
+        event.listen(sync_engine, "before_cursor_execute",
+                     lambda *args: flags.append(sync_engine.dialect._has_events))
+        try:
+            with pytest.raises(exc.DBAPIError) as info:
+                await _work(engine, target, [])
+            return info.value
+        finally:
+            forksafe.untrack(engine)
+            await engine.dispose()
+
+    failure = asyncio.run(main())
+    assert failure.connection_invalidated
+    explained = [r.getMessage() for r in caplog.records if "Likely cause" in r.getMessage()]
+    assert len(explained) == 1, explained
+    if forksafe.sqlalchemy._HANDLE_ERROR_ON_DIALECT:
+        assert flags == [False, False], flags
