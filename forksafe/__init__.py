@@ -106,7 +106,10 @@ def track(
     mysql-connector, MariaDB Connector/Python, psycopg2, psycopg 3, pg8000, asyncpg,
     aiomysql, asyncmy and aiosqlite, and any added by `register_driver` (a sqlite3
     connection cannot be held weakly: track its engine).
-    Tracking holds ``obj`` weakly, is thread-safe, and tracking twice is harmless.
+    Tracking holds ``obj`` weakly, is thread-safe, and tracking twice is harmless. Track an
+    engine before other threads connect through it (or while none does): it adds two
+    SQLAlchemy listeners, and SQLAlchemy does not allow that while another thread
+    dispatches the same event.
 
     After a fork, in the child: a tracked engine gets a fresh pool with the same settings,
     and every connection it (or a tracked raw connection) held is neutralised: its socket

@@ -27,9 +27,10 @@ events. On SQLAlchemy 2.x ``handle_error`` is a dialect event, and a dialect wit
 listener makes SQLAlchemy look for ``do_execute`` listeners at every statement; so the
 engine's dialect, too, gets a subclass of its own class, whose ``_has_events`` is true only
 while an exception is being handled or when the application listens for dialect events
-itself (see `_dialect_has_events`). Connections checked out at the time of ``track()`` are recorded when they come
-back (by a second subclass that adds ``_do_return_conn`` and gives way to the lean one once
-all of them are back).
+itself (see `_dialect_has_events`). Connections checked out at the time of ``track()`` are
+recorded when they come back (by a second subclass that adds ``_do_return_conn`` and gives
+way to the lean one once all of them are back; ``_PENDING_LOCK`` orders that against an
+``untrack()`` in another thread).
 
 In a child, the reset neutralises every inherited socket; the engine's pool, made for
 another pid, is replaced by a fresh one of the same configuration (``dispose(close=False)``)
@@ -248,6 +249,9 @@ def _is_tls(conn: Any) -> bool | None:
 # -- the pool subclasses ------------------------------------------------------------------------
 _CLASSES: dict[type, tuple[type, type]] = {}
 _CLASSES_LOCK = threading.Lock()
+# Orders untrack() against a pending pool's checkin in another thread (both change the
+# pool's class and its _forksafe attributes). A ForkLock: a child can always take it.
+_PENDING_LOCK = _state.ForkLock("pending pool")
 
 
 def _tracked_classes(base: type) -> tuple[type, type]:
@@ -619,7 +623,9 @@ class EngineAdapter:
         if vars(pool).get("_forksafe_pid", _getpid()) != _getpid():
             engine.dispose(close=False)  # a child that has not used the engine yet
             pool = engine.pool
-        if _is_tracked_pool(pool) and vars(pool).get("_forksafe_adapter") is self:
+        with _PENDING_LOCK:  # not while another thread records a returned connection
+            if not (_is_tracked_pool(pool) and vars(pool).get("_forksafe_adapter") is self):
+                return
             # track() gave the pool a dict of its own: a class change alone keeps it fast,
             # and no other thread's write can fall between two dicts
             pool.__class__ = type(pool)._forksafe_base
@@ -680,18 +686,23 @@ class EngineAdapter:
 
     def _returned_untracked(self, pool: Any, record: Any) -> None:
         """A connection checked out before track() came back: record it. Once none is
-        out any more, the pool becomes the lean class."""
-        conn = _record_connection(record)
-        if conn is not None:
-            self._new_state(record, conn)
-        pool._forksafe_pending -= 1
-        try:  # those checked out meanwhile are counted too: never more than this
-            out = int(pool.checkedout()) - 1  # this one is counted until the base returns it
-        except Exception:
-            out = 0
-        if pool._forksafe_pending <= 0 or out <= 0:
-            lean, _ = _tracked_classes(type(pool)._forksafe_base)
-            pool.__class__ = lean  # its dict is its own since track(): see _set_class
+        out any more, the pool becomes the lean class. Under ``_PENDING_LOCK``: an
+        untrack() in another thread either comes first (then nothing is done here; the
+        method was looked up on the pending class before it) or waits."""
+        with _PENDING_LOCK:
+            if vars(pool).get("_forksafe_adapter") is not self:
+                return  # untracked meanwhile
+            conn = _record_connection(record)
+            if conn is not None:
+                self._new_state(record, conn)
+            pool._forksafe_pending -= 1
+            try:  # those checked out meanwhile are counted too: never more than this
+                out = int(pool.checkedout()) - 1  # counted until the base returns it
+            except Exception:
+                out = 0
+            if pool._forksafe_pending <= 0 or out <= 0:
+                lean, _ = _tracked_classes(type(pool)._forksafe_base)
+                pool.__class__ = lean  # its dict is its own since track(): see _set_class
 
     def _on_error(self, context: Any) -> None:
         # SQLAlchemy's error carries the statement: its size tells a packet too large

@@ -14,6 +14,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -644,3 +645,60 @@ def test_the_dialect_flag_counts_listeners_on_the_dialect_class(variant: str) ->
     base._has_events = False
     dialect._forksafe_user_events = True
     assert getter(dialect) is True
+
+
+def test_track_and_untrack_while_threads_run_statements(url: str) -> None:
+    """Threads run statements on an engine tracked and untracked over and over meanwhile
+    (the pool's and the dialect's classes change under them): every statement answers
+    right, and the dialect keeps every attribute its first connect wrote.
+
+    SQLAlchemy does not allow a listener to be added or removed while that event is being
+    dispatched in another thread (its listener lists raise "deque mutated during
+    iteration"), so the pool's connections are all open before the first track() (no
+    ``connect`` dispatch) and the statements do not fail (no ``handle_error`` dispatch):
+    the README says to track an engine before other threads connect through it."""
+    eng = create_engine(url, pool_size=3, max_overflow=0, pool_timeout=30)
+    original = type(eng.dialect)
+    held = [eng.connect() for _ in range(3)]  # every connection of the pool open
+    for conn in held:
+        conn.close()
+    learned = {k: v for k, v in vars(eng.dialect).items() if not k.startswith("_")}
+    stop = threading.Event()
+    problems: list[BaseException | str] = []
+    rounds = [0, 0, 0]
+
+    def work(i: int) -> None:
+        try:
+            while not stop.is_set():
+                with eng.connect() as conn:
+                    if conn.execute(text("SELECT :x"), {"x": i}).scalar() != i:
+                        problems.append(f"thread {i}: a wrong answer")
+                rounds[i] += 1
+        except BaseException as err:  # reported by the assert below
+            problems.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    toggles = 0
+    try:
+        while (min(rounds) < 5 or toggles < 20) and not problems:
+            if time.monotonic() > deadline:
+                break
+            forksafe.track(eng)
+            forksafe.untrack(eng)
+            toggles += 1
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert problems == []
+    assert min(rounds) >= 5, f"gave up after 60s: rounds {rounds}, {toggles} track/untrack"
+    assert not any(thread.is_alive() for thread in threads)
+    assert type(eng.dialect) is original
+    assert eng.dialect._has_events is False
+    now = {k: v for k, v in vars(eng.dialect).items() if not k.startswith("_")}
+    assert now.keys() >= learned.keys()
+    assert all(now[k] is learned[k] for k in learned)
+    eng.dispose()
