@@ -119,14 +119,21 @@ PY_METHODS = "forksafe, methods in Python"
 SA_FLAG = "forksafe, dialect flag left to SQLAlchemy"
 
 
-def sqlalchemy_flag(engine: Any) -> Any:
-    """``track(engine)`` with the dialect's class left as it is (what SQLAlchemy 1.4 gets)."""
-    saved = adapter_module._HANDLE_ERROR_ON_DIALECT
-    adapter_module._HANDLE_ERROR_ON_DIALECT = False
+def track_with(engine: Any, **settings: Any) -> Any:
+    """``track(engine)`` with attributes of forksafe.sqlalchemy set while it tracks."""
+    saved = {name: getattr(adapter_module, name) for name in settings}
+    for name, value in settings.items():
+        setattr(adapter_module, name, value)
     try:
         return forksafe.track(engine)
     finally:
-        adapter_module._HANDLE_ERROR_ON_DIALECT = saved
+        for name, value in saved.items():
+            setattr(adapter_module, name, value)
+
+
+def sqlalchemy_flag(engine: Any) -> Any:
+    """``track(engine)`` with the dialect's class left as it is (what SQLAlchemy 1.4 gets)."""
+    return track_with(engine, _HANDLE_ERROR_ON_DIALECT=False)
 
 
 class _PythonMethodsPool(QueuePool):
@@ -137,12 +144,7 @@ class _PythonMethodsPool(QueuePool):
 def python_methods(engine: Any) -> Any:
     """``track(engine)`` with the checkout methods in Python, as where forksafe._speedups is
     not built (``FORKSAFE_NO_SPEEDUPS=1``), for comparison with the C ones in one run."""
-    saved = adapter_module._speedups
-    adapter_module._speedups = None
-    try:
-        return forksafe.track(engine)
-    finally:
-        adapter_module._speedups = saved
+    return track_with(engine, _speedups=None)
 
 
 def paired_engines(url: str, shared: Any, **options: Any) -> dict[str, Any]:
