@@ -409,7 +409,8 @@ def _quiet_dialect(dialect: Any, user_events: bool) -> None:
         if not _is_tracked_dialect(dialect):
             _set_class(dialect, _dialect_class(type(dialect)))
             vars(dialect).pop("_has_events", None)  # the class answers now
-            vars(dialect)["_forksafe_user_events"] = user_events
+        # forksafe's own listener went through the class's setter too: not the application's
+        vars(dialect)["_forksafe_user_events"] = user_events
         # engines that share a dialect (rare) each count: the last untrack() restores it
         vars(dialect)["_forksafe_adapters"] = vars(dialect).get("_forksafe_adapters", 0) + 1
     except Exception as err:  # the dialect keeps SQLAlchemy's own flag: correct, slower
@@ -583,10 +584,11 @@ class EngineAdapter:
         if engine is None:
             return
         dialect: Any = engine.dialect
-        user_events = bool(
-            vars(dialect).get("_forksafe_user_events") if _is_tracked_dialect(dialect)
-            else vars(dialect).get("_has_events")
-        )
+        # whether the application has dialect listeners, read before forksafe's listener
+        # sets the flag (a dialect tracked already, shared with another engine, keeps it
+        # apart from SQLAlchemy's)
+        key = "_forksafe_user_events" if _is_tracked_dialect(dialect) else "_has_events"
+        user_events = bool(vars(dialect).get(key))
         self._listen(engine, "connect", self._on_connect)
         self._listen(engine, "handle_error", self._on_error)
         if _HANDLE_ERROR_ON_DIALECT:

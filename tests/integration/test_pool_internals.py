@@ -702,3 +702,29 @@ def test_track_and_untrack_while_threads_run_statements(url: str) -> None:
     assert now.keys() >= learned.keys()
     assert all(now[k] is learned[k] for k in learned)
     eng.dispose()
+
+
+@needs_dialect_handle_error
+def test_engines_that_share_a_dialect_restore_it_with_the_last_untrack(url: str) -> None:
+    """``engine.execution_options()`` makes an engine that shares the dialect (and the
+    pool): tracking both, the dialect keeps its tracked class until both are untracked."""
+    eng = create_engine(url)
+    original = type(eng.dialect)
+    options = eng.execution_options(isolation_level="READ COMMITTED")
+    assert options.dialect is eng.dialect
+    forksafe.track(eng)
+    forksafe.track(options)
+    tracked = type(eng.dialect)
+    try:
+        with options.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar() == 1
+        forksafe.untrack(eng)
+        assert type(eng.dialect) is tracked
+        assert eng.dialect._has_events is False
+    finally:
+        forksafe.untrack(options)
+        forksafe.untrack(eng)
+    assert type(eng.dialect) is original
+    assert eng.dialect._has_events is False
+    assert not any(k.startswith("_forksafe") for k in vars(eng.dialect))
+    eng.dispose()
