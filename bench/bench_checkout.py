@@ -30,7 +30,9 @@ Engines: plain, a second plain one (A/A), tracked with forksafe's defaults (the 
 and a zero-timeout ``poll()`` of the socket at every checkout whose previous one is at
 least ``forksafe.sqlalchemy.POLL_AFTER``, 50 µs, old; in C where ``forksafe._speedups`` is
 built), the same with the checkout methods in Python (what runs where it is not), the same
-polling at every checkout (``POLL_AFTER = 0``), the same with its dialect's ``_has_events``
+polling at every checkout (``POLL_AFTER = 0``), the same never polling (``POLL_AFTER =
+inf``: the liveness check's system call, in the cycle, is the difference to the defaults;
+no setting of forksafe's turns it off), the same with its dialect's ``_has_events``
 left to SQLAlchemy (which then looks for ``do_execute`` listeners at every statement, as it
 did before forksafe answered that flag itself; SQLAlchemy 1.4 is not changed either way),
 and ``pool_pre_ping``.
@@ -53,6 +55,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import math
 import os
 import random
 import select
@@ -109,6 +112,11 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 
 #: the tracked engine with the socket polled at every checkout (POLL_AFTER = 0)
 POLL_EVERY = "forksafe, poll at every checkout"
+#: the tracked engine with the socket never polled (POLL_AFTER = inf): what the liveness
+#: check's system call costs in the cycle, read against the "forksafe" row
+NO_POLL = "forksafe, socket never polled"
+#: POLL_AFTER while a variant's batch runs
+POLL_AFTER_OF = {POLL_EVERY: 0.0, NO_POLL: math.inf}
 AA = "plain (A/A)"
 #: the tracked engine with the checkout methods in Python instead of C
 PY_METHODS = "forksafe, methods in Python"
@@ -160,16 +168,17 @@ def paired_engines(url: str, shared: Any, **options: Any) -> dict[str, Any]:
         "forksafe": forksafe.track(make()),
         PY_METHODS: python_methods(make(poolclass=_PythonMethodsPool)),
         POLL_EVERY: forksafe.track(make()),
+        NO_POLL: forksafe.track(make()),
         SA_FLAG: sqlalchemy_flag(make()),
         "pool_pre_ping": make(pool_pre_ping=True),
     }
 
 
 def timed(name: str, fn: Callable[[Any, int], Timing], engine: Any, n: int) -> Timing:
-    if name != POLL_EVERY:
+    if name not in POLL_AFTER_OF:
         return fn(engine, n)
     default = adapter_module.POLL_AFTER
-    adapter_module.POLL_AFTER = 0.0
+    adapter_module.POLL_AFTER = POLL_AFTER_OF[name]
     try:
         return fn(engine, n)
     finally:
@@ -416,7 +425,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="an existing server (default: a private MariaDB)")
     parser.add_argument("--pairs", type=int, default=400, help="ABBA groups per engine")
-    parser.add_argument("--rounds", type=int, default=20,
+    parser.add_argument("--rounds", type=int, default=100,
                         help="times every engine is built afresh (the pairs split among them)")
     parser.add_argument("--cycles", type=int, default=50,
                         help="checkout + SELECT 1 cycles per batch")
