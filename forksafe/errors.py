@@ -6,7 +6,10 @@ server's ``wait_timeout``, a restart, a killed session, a network cut, a packet 
 none of them. `classify` maps an exception (or just its message) to an `ErrorClass` that
 does: pure logic, no I/O. The error code (MySQL) or SQLSTATE (PostgreSQL) decides when the
 error has one; the message text decides only for an error that carries no code (a duplicate
-key whose *data* says "Connection refused" is not a disconnect). An error raised while
+key whose *data* says "Connection refused" is not a disconnect; nor is a SQLite error, which
+carries SQLite's code) and is not one of PEP 249's errors about the statement
+(``IntegrityError``, ``DataError``, ``ProgrammingError``, ``NotSupportedError``: a trigger
+that raises "Connection refused: account locked" is the application's). An error raised while
 another was being handled is judged on its own, never by that earlier error.
 
 A statement larger than the server's ``max_allowed_packet`` also ends in "server has gone
@@ -558,6 +561,8 @@ def _by_code(chain: list[BaseException]) -> tuple[ErrorClass | None, bool]:
             if code in _MYSQL_CODES:
                 return _MYSQL_CODES[code], True
             coded = True
+        if isinstance(getattr(exc, "sqlite_errorcode", None), int):
+            coded = True  # SQLite (Python 3.11+): no server, nothing to disconnect from
         state = _sqlstate(exc)
         if state is not None:
             if state in _SQLSTATES:
@@ -567,11 +572,23 @@ def _by_code(chain: list[BaseException]) -> tuple[ErrorClass | None, bool]:
     return None, coded
 
 
+# PEP 249's errors about the statement or its data, never about the connection: their text is
+# the application's (a trigger's RAISE, a CHECK constraint's name), whatever words it has.
+_STATEMENT_ERRORS = frozenset({"IntegrityError", "DataError", "ProgrammingError",
+                               "NotSupportedError"})
+
+
+def _statement_error(exc: BaseException) -> bool:
+    return any(cls.__name__ in _STATEMENT_ERRORS for cls in type(exc).__mro__)
+
+
 def _by_text(chain: list[BaseException]) -> ErrorClass | None:
     """For errors without a code: the message text, and PyMySQL's InterfaceError(0, '')."""
     for exc in chain:
         if isinstance(getattr(exc, "orig", None), BaseException):
             continue  # a wrapper's text repeats the wrapped error's: judge that one
+        if _statement_error(exc):
+            continue
         kind = _by_message(str(exc))
         if kind is not None:
             return kind

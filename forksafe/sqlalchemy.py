@@ -549,7 +549,8 @@ class EngineAdapter:
             isinstance(recycle, (int, float)) and not isinstance(recycle, bool) and recycle > 0
         )):
             raise ValueError(f"recycle must be 'auto', seconds > 0 or None, got {recycle!r}")
-        driver = engine.dialect.driver
+        # a third-party dialect may leave SQLAlchemy's ``driver`` annotation unset
+        driver = getattr(engine.dialect, "driver", None)
         if driver not in dialect_drivers():
             raise UnsupportedObjectError(
                 f"forksafe cannot protect {describe(engine)}: its driver {driver!r} is not "

@@ -7,6 +7,9 @@
 * An IntegrityError raised on a healthy engine inside ``except OperationalError:`` (a
   fallback after another engine lost its session) is judged on its own, not by the
   disconnect it was raised while handling: the healthy engine keeps its session.
+* A SQLite trigger that raises "Connection refused: ..." (an IntegrityError, SQLite has no
+  server) is the application's error: the tracked engine keeps its connection and its pool,
+  exactly as an untracked one does.
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, exc, text
+from sqlalchemy import create_engine, exc, pool, text
 
 import forksafe
 from forksafe import errors
 from tests.integration._liveness import session_id
 
-pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.timeout(300)]
 
 
 @pytest.fixture
@@ -43,6 +46,7 @@ def quiet_reports() -> Iterator[None]:
     errors.reset_reported()
 
 
+@pytest.mark.mariadb
 @pytest.mark.usefixtures("quiet_reports")
 def test_duplicate_key_that_reads_like_a_disconnect(
     mysql_server: Any, table: str, caplog: pytest.LogCaptureFixture
@@ -76,6 +80,7 @@ def test_duplicate_key_that_reads_like_a_disconnect(
 
 
 @pytest.mark.usefixtures("quiet_reports")
+@pytest.mark.mariadb
 def test_integrity_error_raised_while_handling_a_disconnect(mysql_server: Any,
                                                             table: str) -> None:
     primary = forksafe.track(create_engine(mysql_server.url("pymysql"), pool_size=1))
@@ -105,3 +110,44 @@ def test_integrity_error_raised_while_handling_a_disconnect(mysql_server: Any,
         for engine in (primary, fallback):
             engine.dispose()
             forksafe.untrack(engine)
+
+
+def _trigger_says_connection_refused(engine: Any) -> dict[str, Any]:
+    """Runs an INSERT that a trigger aborts with a disconnect's words; what the pool did."""
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE accounts (name TEXT)"))
+        conn.execute(text(
+            "CREATE TRIGGER locked BEFORE INSERT ON accounts BEGIN "
+            "SELECT RAISE(ABORT, 'Connection refused: the account is locked'); END"))
+    with engine.connect() as conn:
+        before = conn.connection.dbapi_connection
+        with pytest.raises(exc.DBAPIError) as caught:
+            conn.execute(text("INSERT INTO accounts VALUES ('ann')"))
+    with engine.connect() as conn:
+        after = conn.connection.dbapi_connection
+    return {"error": type(caught.value).__name__,
+            "message": "Connection refused" in str(caught.value),
+            "invalidated": caught.value.connection_invalidated,
+            "same_connection": after is before,
+            "pool_invalidated": engine.pool._invalidate_time != 0}
+
+
+@pytest.mark.usefixtures("quiet_reports")
+def test_a_sqlite_trigger_that_reads_like_a_disconnect(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="forksafe")
+    plain = create_engine(f"sqlite:///{tmp_path / 'plain.db'}", poolclass=pool.QueuePool)
+    tracked = forksafe.track(create_engine(f"sqlite:///{tmp_path / 'tracked.db'}",
+                                           poolclass=pool.QueuePool))
+    try:
+        expected = _trigger_says_connection_refused(plain)
+        assert expected == {"error": "IntegrityError", "message": True, "invalidated": False,
+                            "same_connection": True, "pool_invalidated": False}
+        assert _trigger_says_connection_refused(tracked) == expected
+        assert not [r for r in caplog.records if r.name.startswith("forksafe")
+                    and r.levelno >= logging.INFO], caplog.text
+    finally:
+        forksafe.untrack(tracked)
+        tracked.dispose()
+        plain.dispose()

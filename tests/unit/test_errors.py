@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import MySQLdb
 import pymysql
@@ -187,6 +188,50 @@ def test_a_duplicate_key_whose_data_says_connection_refused_is_not_a_disconnect(
     assert errors.classify(str(wrapped)) is None
     mysqlclient = MySQLdb.IntegrityError(1062, "Duplicate entry 'server has gone away' for key")
     assert errors.classify(mysqlclient) is None
+
+
+@pytest.mark.parametrize("name", ["IntegrityError", "DataError", "ProgrammingError",
+                                  "NotSupportedError"])
+def test_a_statement_error_without_a_code_is_never_judged_by_its_text(name: str) -> None:
+    """PEP 249's errors about the statement carry the application's words (a trigger's
+    RAISE, a constraint's name): with no code, their text still names no disconnect, raw or
+    wrapped by SQLAlchemy. An OperationalError or InterfaceError with the same text does."""
+    text = "Connection refused: the account is locked"
+    raw = type(name, (Exception,), {})(text)  # a driver's class of that name, no code
+    assert errors.classify(raw) is None
+    wrapped = getattr(sa_exc, name)("INSERT INTO accounts VALUES (?)", (1,), raw)
+    assert errors.classify(wrapped) is None
+    assert not errors.is_disconnect(wrapped)
+    subclass = type("UniqueViolation", (type(raw),), {})(text)  # psycopg's subclasses
+    assert errors.classify(subclass) is None
+    for disconnect in ("OperationalError", "InterfaceError"):
+        assert errors.classify(type(disconnect, (Exception,), {})(text)) is errors.CANT_CONNECT
+
+
+def test_a_sqlite_error_is_judged_by_its_code_not_its_text() -> None:
+    """sqlite3's errors carry SQLite's code (Python 3.11+): an OperationalError a user
+    function raised with a disconnect's words is not one (SQLite has no server)."""
+    import sqlite3
+
+    conn = sqlite3.connect(":memory:")
+
+    def fail() -> None:
+        raise ValueError("MySQL server has gone away")
+
+    conn.create_function("fail", 0, fail)
+    with pytest.raises(sqlite3.OperationalError) as caught:
+        conn.execute("SELECT fail()")
+    conn.close()
+    # SQLite words it "user-defined function raised exception", and codes it from 3.11
+    assert "gone away" not in str(caught.value)
+    if sys.version_info >= (3, 11):
+        assert caught.value.sqlite_errorcode == 1  # SQLITE_ERROR
+        assert errors.classify(caught.value) is None
+    err = sqlite3.OperationalError("MySQL server has gone away")
+    err.sqlite_errorcode = 1  # SQLITE_ERROR
+    assert errors.classify(err) is None
+    assert errors.classify(sqlite3.OperationalError("MySQL server has gone away")) is (
+        errors.GONE_AWAY)  # no code (Python 3.10): the text decides
 
 
 def test_postgres_error_with_a_sqlstate_is_judged_by_it() -> None:

@@ -6,16 +6,21 @@ import errno
 import gc
 import os
 import socket
+import sqlite3
 import threading
 
 import pytest
+import sqlalchemy
 from sqlalchemy import create_engine, event
 from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+from sqlalchemy.engine.default import DefaultDialect
 
 import forksafe
 from forksafe import _sockets
 from forksafe._registry import REGISTRY
+
+SA14 = int(sqlalchemy.__version__.split(".")[0]) < 2
 
 
 def test_track_returns_the_engine_and_tracks_it() -> None:
@@ -87,6 +92,34 @@ def test_engine_of_unsupported_driver_is_refused() -> None:
     assert isinstance(info.value, TypeError)
     assert "mysqldb" in str(info.value)  # the supported dialect drivers are listed
     assert "register_driver" in str(info.value)
+
+
+class NoDriverDialect(DefaultDialect):
+    """A third-party dialect that leaves SQLAlchemy's ``driver`` annotation unset."""
+
+    name = "nodriver"
+    supports_statement_cache = True
+
+    if SA14:
+        @classmethod
+        def dbapi(cls) -> object:  # SQLAlchemy 1.4's name for import_dbapi
+            return sqlite3
+    else:
+        @classmethod
+        def import_dbapi(cls) -> object:
+            return sqlite3
+
+
+registry.register("nodriver", __name__, "NoDriverDialect")
+
+
+def test_engine_of_a_dialect_without_a_driver_name_is_refused_clearly() -> None:
+    """No ``driver`` attribute at all: the same refusal, not an AttributeError."""
+    engine = create_engine("nodriver://")
+    assert not hasattr(engine.dialect, "driver")
+    with pytest.raises(forksafe.UnsupportedObjectError, match="driver None is not supported"):
+        forksafe.track(engine)
+    assert not forksafe.is_tracked(engine)
 
 
 def test_error_messages_never_show_the_password() -> None:
