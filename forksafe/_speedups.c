@@ -51,7 +51,7 @@ typedef struct {
     Py_ssize_t off_last, off_threshold, off_fd;
 } Hook;
 
-static PyObject *s_info, *s_pid, *s_forksafe_pid, *s_poll_after;
+static PyObject *s_pid, *s_forksafe_pid, *s_poll_after;
 static PyObject *s_user_events, *s_forksafe_base, *s_has_events;
 
 /* -- connect --------------------------------------------------------------------------- */
@@ -128,18 +128,21 @@ static int
 liveness_fast(Hook *h, PyObject *rec)
 {
     PyObject *key = h->refs[3], *globals = h->refs[4], *cls = h->refs[5];
-    PyObject *info = PyObject_GetAttr(rec, s_info);
-    if (info == NULL)
+    /* the record's attribute (not a key in record.info: that is the application's) */
+    PyObject *state;
+#if PY_VERSION_HEX >= 0x030D0000
+    if (PyObject_GetOptionalAttr(rec, key, &state) < 0)
         return -1;
-    if (!PyDict_Check(info)) {
-        Py_DECREF(info);
-        return 0;
+#else
+    state = PyObject_GetAttr(rec, key);
+    if (state == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return -1;
+        PyErr_Clear();  /* a record forksafe has not seen: the full path */
     }
-    PyObject *state = PyDict_GetItemWithError(info, key);
-    Py_XINCREF(state);
-    Py_DECREF(info);
+#endif
     if (state == NULL)
-        return PyErr_Occurred() ? -1 : 0;
+        return 0;
 
     int result = 0;
     double last, threshold, poll_after;
@@ -461,7 +464,6 @@ PyInit__speedups(void)
     if (PyType_Ready(&HookType) < 0)
         return NULL;
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
-    INTERN(s_info, "info");
     INTERN(s_pid, "pid");
     INTERN(s_forksafe_pid, "_forksafe_pid");
     INTERN(s_poll_after, "POLL_AFTER");

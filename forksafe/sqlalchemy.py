@@ -60,8 +60,9 @@ Private SQLAlchemy API this relies on (pinned by tests/integration/test_pool_int
 run on SQLAlchemy 1.4 and 2.x): ``Pool.connect`` (which is only
 ``_ConnectionFairy._checkout(pool)``: a tracked pool calls that directly), ``Pool._do_get``,
 ``Pool.recreate``, ``Pool._do_return_conn``, ``Pool._invalidate_time``,
-``_ConnectionRecord.starttime``, ``_ConnectionRecord.info`` (cleared when a record
-reconnects), ``_ConnectionRecord.invalidate``/``_checkin_failed``,
+``_ConnectionRecord.starttime``, an instance ``__dict__`` on ``_ConnectionRecord`` (where
+forksafe keeps its state, out of the application's ``info``),
+``_ConnectionRecord.invalidate``/``_checkin_failed``,
 ``_ConnectionRecord.dbapi_connection`` (``connection`` on 1.4), ``StaticPool``'s memoized
 ``connection``; on 2.x ``Dialect._has_events`` (set by SQLAlchemy when a dialect listener
 is added, read before dispatching dialect events; ``handle_error`` is dispatched only from
@@ -116,8 +117,12 @@ __all__ = [  # noqa: F822 - SUPPORTED_DIALECT_DRIVERS comes from the module's __
 
 logger = logging.getLogger("forksafe")
 
-# Key in ``_ConnectionRecord.info`` (SQLAlchemy clears it when the record reconnects).
-_STATE_KEY = "forksafe"
+# The ``_ConnectionRecord`` attribute holding a pooled connection's `_Liveness`. Not a key
+# in ``record.info``: that dict is the application's ``Connection.info`` (it must stay
+# JSON-able, comparable and free of forksafe's objects). Rewritten by every connect event;
+# between an invalidation and the reconnect it describes the closed connection, which is
+# harmless: the fast path only polls, and the full path checks the connection's identity.
+_STATE_KEY = "_forksafe_liveness"
 # What poll() reports for a socket that has something to say (POLLHUP, POLLERR and POLLNVAL
 # are always reported).
 _POLL_EVENTS = select.POLLIN | select.POLLPRI | getattr(select, "POLLRDHUP", 0)
@@ -211,7 +216,7 @@ _MISSING = object()
 
 # -- per-connection state ---------------------------------------------------------------------
 class _Liveness:
-    """What forksafe keeps in a pooled connection's ``record.info``."""
+    """What forksafe keeps on a pooled connection's ``_ConnectionRecord``."""
 
     __slots__ = ("conn_id", "fd", "last", "learn", "plain_mysql", "poll", "poller", "retire",
                  "threshold")
@@ -292,7 +297,7 @@ def _make_classes(base: Any) -> tuple[type, type]:
         # From here nothing may raise: the record is out of the queue (or holds an overflow
         # slot) and only the caller's checkout would return it.
         try:
-            state = rec.info.get(key)
+            state = getattr(rec, key, None)
             if state is not None:
                 now = monotonic()
                 idle = now - state.last
@@ -323,7 +328,7 @@ def _make_classes(base: Any) -> tuple[type, type]:
     def _do_return_conn(self: Any, record: Any) -> None:
         # Only on a pool that had connections checked out when it was tracked.
         try:
-            if _STATE_KEY not in record.info:
+            if getattr(record, _STATE_KEY, None) is None:
                 self._forksafe_adapter._returned_untracked(self, record)
         except Exception as err:
             _fork.report_internal_error(err, "recording a connection checked in after track()")
@@ -483,7 +488,7 @@ def _finish_checkout(pool: Any, rec: Any) -> Any:
     not hand out as it is (a new or unknown connection, an idle time past a threshold, a
     readable socket, an error). Never raises an ``Exception``; returns the record."""
     try:
-        state = rec.info.get(_STATE_KEY)
+        state = getattr(rec, _STATE_KEY, None)
         pool._forksafe_adapter._checkout_slow(pool, rec, state, _monotonic())
     except Exception as err:
         _fork.report_internal_error(err, "forksafe's liveness check at checkout")
@@ -636,7 +641,7 @@ class EngineAdapter:
             vars(pool).pop("_forksafe_pid", None)
             vars(pool).pop("_forksafe_pending", None)
             for record in _idle_records(pool):
-                record.info.pop(_STATE_KEY, None)
+                vars(record).pop(_STATE_KEY, None)
 
     def _listen(self, engine: Engine, name: str, fn: Any) -> None:
         event.listen(engine, name, fn)
@@ -674,7 +679,7 @@ class EngineAdapter:
         state.retire = self.retire_after
         state.learn = self._learn_limit
         self._set_threshold(state)
-        record.info[_STATE_KEY] = state
+        setattr(record, _STATE_KEY, state)
         return state
 
     def _set_threshold(self, state: _Liveness) -> None:

@@ -11,6 +11,7 @@ left the queue, and a pool that is looked at, never connected, at ``track()`` ti
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -121,21 +122,54 @@ def test_track_and_untrack_keep_every_attribute_of_the_pool(engine: Any) -> None
     assert all(vars(pool)[k] is before[k] for k in before)
 
 
-def test_info_is_cleared_when_a_record_reconnects(engine: Any) -> None:
-    """forksafe keeps its per-connection state in record.info because SQLAlchemy clears
-    it when a record opens a new connection."""
+def test_a_record_that_reconnects_gets_new_state(engine: Any) -> None:
+    """forksafe keeps its per-connection state on the record; the connect event of the new
+    connection a record opens after an invalidation replaces it."""
     forksafe.track(engine)
     fairy = engine.raw_connection()
     record = fairy._connection_record
-    state = record.info[adapter_module._STATE_KEY]
+    state = vars(record)[adapter_module._STATE_KEY]
     fairy.invalidate()
     fairy.close()
     fairy = engine.raw_connection()
     try:
-        new_state = fairy._connection_record.info[adapter_module._STATE_KEY]
+        assert fairy._connection_record is record  # pool_size 2: the same record, reused
+        new_state = vars(record)[adapter_module._STATE_KEY]
         assert new_state is not state
+        assert new_state.conn_id == id(fairy.dbapi_connection)
     finally:
         fairy.close()
+
+
+def test_connection_info_stays_the_applications(engine: Any, url: str) -> None:
+    """``Connection.info`` is the application's dict: on a tracked engine it holds what the
+    application put there and nothing else (JSON-able, equal to an untracked engine's),
+    across checkouts, a reconnect, and untrack()."""
+    plain = create_engine(url, pool_size=2, max_overflow=2)
+    forksafe.track(engine)
+
+    def infos(eng: Any) -> list[Any]:
+        seen = []
+        with eng.connect() as conn:
+            seen.append(dict(conn.info))
+            conn.info["tenant"] = "acme"
+        with eng.connect() as conn:
+            seen.append(json.loads(json.dumps(conn.info)))
+            conn.invalidate()
+        with eng.connect() as conn:
+            seen.append(dict(conn.info))  # SQLAlchemy clears it for a new connection
+            conn.info["tenant"] = "acme"
+        return seen
+
+    try:
+        expected = infos(plain)
+        assert expected == [{}, {"tenant": "acme"}, {}]
+        assert infos(engine) == expected
+        forksafe.untrack(engine)
+        with engine.connect() as conn:
+            assert conn.info == {"tenant": "acme"}
+    finally:
+        plain.dispose()
 
 
 def test_track_with_a_connection_checked_out_installs_no_checkin_listener(engine: Any) -> None:
@@ -327,12 +361,12 @@ def test_hot_checkout_touches_nothing_but_the_record(engine: Any) -> None:
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
     fairy = engine.raw_connection()
-    state = fairy._connection_record.info[adapter_module._STATE_KEY]
+    state = vars(fairy._connection_record)[adapter_module._STATE_KEY]
     fairy.close()
     before = state.last
     time.sleep(0.01)
     fairy = engine.raw_connection()
-    assert fairy._connection_record.info[adapter_module._STATE_KEY] is state
+    assert vars(fairy._connection_record)[adapter_module._STATE_KEY] is state
     assert state.last > before
     assert isinstance(fairy._connection_record.starttime, float)  # compared with
     assert isinstance(engine.pool._invalidate_time, (int, float))  # pool invalidations
@@ -406,7 +440,7 @@ def test_hot_checkout_stamps_the_state_and_takes_no_slow_path(
 ) -> None:
     first = session_id(variant_engine)
     fairy = variant_engine.raw_connection()
-    state = fairy._connection_record.info[adapter_module._STATE_KEY]
+    state = vars(fairy._connection_record)[adapter_module._STATE_KEY]
     fairy.close()
     assert state.fd >= 0
     slow: list[Any] = []
@@ -427,7 +461,7 @@ def test_a_threshold_of_any_type_is_honoured(
     goes to the full path, which decides (and a wrong type is reported, never raised)."""
     session_id(variant_engine)
     fairy = variant_engine.raw_connection()
-    state = fairy._connection_record.info[adapter_module._STATE_KEY]
+    state = vars(fairy._connection_record)[adapter_module._STATE_KEY]
     fairy.close()
     state.threshold = threshold
     slow: list[Any] = []
@@ -472,25 +506,26 @@ def test_poll_after_skips_the_poll_of_a_connection_used_that_recently(
         session_id(variant_engine)
 
 
-def test_an_interrupt_in_the_fast_path_gives_the_record_back(
-    variant_engine: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """KeyboardInterrupt raised while forksafe looks at a record (here: reading its info)
+def test_an_interrupt_in_the_fast_path_gives_the_record_back(variant_engine: Any) -> None:
+    """KeyboardInterrupt raised while forksafe looks at a record (here: reading its state)
     propagates, and the record goes back to the pool: no slot is lost."""
     session_id(variant_engine)
     fairy = variant_engine.raw_connection()
     record_class = type(fairy._connection_record)
     fairy.close()
-    info = record_class.info
+    key = adapter_module._STATE_KEY
 
     def interrupted(self: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(record_class, "info", property(interrupted))
-    for _ in range(4):  # twice pool_size: a lost slot would exhaust the pool
-        with pytest.raises(KeyboardInterrupt):
-            variant_engine.raw_connection()
-    monkeypatch.setattr(record_class, "info", info)
+    # a property (a data descriptor) on the class wins over the record's own attribute
+    setattr(record_class, key, property(interrupted))
+    try:
+        for _ in range(4):  # twice pool_size: a lost slot would exhaust the pool
+            with pytest.raises(KeyboardInterrupt):
+                variant_engine.raw_connection()
+    finally:
+        delattr(record_class, key)
     assert variant_engine.pool.checkedout() == 0
     assert session_id(variant_engine) > 0
 
