@@ -252,7 +252,12 @@ def _is_tls(conn: Any) -> bool | None:
 
 
 # -- the pool subclasses ------------------------------------------------------------------------
-_CLASSES: dict[type, tuple[type, type]] = {}
+# id(pool class) -> forksafe's lean subclass of it (which holds the pending one). Weak values:
+# a subclass lives while an object has it as its class, and keeps its base alive (through
+# __bases__), so an id is not reused while its entry exists; a class made at run time (a
+# test's, a plugin's) is freed with its last tracked object, and with it all it refers to.
+# The same for the dialect subclasses below.
+_CLASSES: weakref.WeakValueDictionary[int, type] = weakref.WeakValueDictionary()
 _CLASSES_LOCK = threading.Lock()
 # Orders untrack() against a pending pool's checkin in another thread (both change the
 # pool's class and its _forksafe attributes). A ForkLock: a child can always take it.
@@ -262,10 +267,12 @@ _PENDING_LOCK = _state.ForkLock("pending pool")
 def _tracked_classes(base: type) -> tuple[type, type]:
     """(lean, pending) subclasses of the pool class ``base``, made once per class."""
     with _CLASSES_LOCK:
-        found = _CLASSES.get(base)
-        if found is None:
-            found = _CLASSES[base] = _make_classes(base)
-        return found
+        lean: Any = _CLASSES.get(id(base))
+        if lean is None or lean.__bases__[0] is not base:
+            lean, pending = _make_classes(base)
+            lean._forksafe_pending_class = pending
+            _CLASSES[id(base)] = lean
+        return lean, lean._forksafe_pending_class
 
 
 def _make_classes(base: Any) -> tuple[type, type]:
@@ -364,7 +371,8 @@ def _make_classes(base: Any) -> tuple[type, type]:
 # look for listeners that SQLAlchemy would make anyway. SQLAlchemy 1.4 has ``handle_error``
 # on the engine instead, and its dialect is left as it is.
 _HANDLE_ERROR_ON_DIALECT = "handle_error" in vars(DialectEvents)
-_DIALECT_CLASSES: dict[tuple[type, bool], type] = {}
+_DIALECT_CLASSES: weakref.WeakValueDictionary[tuple[int, bool], type] = (
+    weakref.WeakValueDictionary())
 _handled_exception = getattr(sys, "exception", None) or (lambda: sys.exc_info()[1])
 
 
@@ -384,10 +392,10 @@ def _note_user_events(dialect: Any, value: Any) -> None:
 
 def _dialect_class(base: type) -> type:
     """The tracked subclass of the dialect class ``base``, made once per class."""
-    key = (base, _speedups is not None)
+    key = (id(base), _speedups is not None)
     with _CLASSES_LOCK:
         cls = _DIALECT_CLASSES.get(key)
-        if cls is None:
+        if cls is None or cls.__bases__[0] is not base:
             getter = _speedups.dialect_has_events if _speedups is not None else _dialect_has_events
             namespace: dict[str, Any] = {
                 "__module__": base.__module__,
@@ -571,8 +579,12 @@ class EngineAdapter:
         self._engine_ref = weakref.ref(engine)
         self._origin = describe(engine)
         self._listeners: list[tuple[str, Any]] = []
-        self._dialect = engine.dialect
-        self._mysql = engine.dialect.name in ("mysql", "mariadb")
+        # Weakly: the registry holds the adapter strongly, and a dialect may refer back to
+        # its engine (a do_connect listener closing over it), which would then never be
+        # freed. The pool holds the dialect for as long as it can check out.
+        self._dialect_ref = weakref.ref(engine.dialect)
+        self._dialect_name: str = engine.dialect.name
+        self._mysql = self._dialect_name in ("mysql", "mariadb")
         self.idle_check = idle_check
         # "auto" learns the server's limit at each connection's first checkout. It never
         # touches the pool's own ``pool_recycle`` (an age limit the user chose).
@@ -771,7 +783,10 @@ class EngineAdapter:
     def _ping(self, conn: Any, why: str) -> str | None:
         """None if the connection answers a ping; else why it is replaced."""
         try:
-            alive = self._dialect.do_ping(conn)
+            dialect = self._dialect_ref()
+            if dialect is None:  # the engine and its pool are being freed
+                return None
+            alive = dialect.do_ping(conn)
         except Exception as err:
             errors.report(err, self._origin)
             return f"{why}, and it failed a ping ({err!r})"
@@ -780,7 +795,7 @@ class EngineAdapter:
     def _learn(self, conn: Any, state: _Liveness) -> None:
         """Ask the server its idle limit (after the application's connect listeners ran)."""
         try:
-            limit = server_idle_limit(self._dialect.name, conn)
+            limit = server_idle_limit(self._dialect_name, conn)
         except Exception as err:  # never fail a checkout over an optimisation
             # (server_idle_limit leaves the connection as it found it, even when it fails)
             logger.debug("%s: could not read the server's idle limit: %r",

@@ -8,10 +8,12 @@ import os
 import socket
 import sqlite3
 import threading
+import weakref
+from typing import Any
 
 import pytest
 import sqlalchemy
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, pool
 from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine.default import DefaultDialect
@@ -141,6 +143,66 @@ def test_engines_are_held_weakly() -> None:
     gc.collect()
     _, engines_after = REGISTRY.snapshot()
     assert all(e.url.database != "db" or e.url.host != "127.0.0.1" for e, _ in engines_after)
+
+
+def _engine_its_dialect_refers_back_to(url: str) -> weakref.ref[Any]:
+    engine = create_engine(url)
+
+    @event.listens_for(engine, "do_connect")
+    def token(dialect: object, rec: object, cargs: object, cparams: dict[str, object]) -> None:
+        assert engine.url is not None
+
+    @event.listens_for(engine, "handle_error")
+    def mine(ctx: object) -> None:
+        assert getattr(ctx, "engine", None) is engine
+
+    forksafe.track(engine)
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:  # a pooled connection, remembered by forksafe too
+            conn.exec_driver_sql("SELECT 1")
+    return weakref.ref(engine)
+
+
+@pytest.mark.parametrize("url", ["mysql+mysqldb://u@127.0.0.1/db", "sqlite:///{tmp}/x.db"])
+def test_an_engine_its_dialect_refers_back_to_is_still_held_weakly(
+    url: str, tmp_path: Any
+) -> None:
+    """A dialect listener that closes over its engine (the documented ``do_connect`` token
+    pattern, a ``handle_error`` that compares ``ctx.engine``) must not let forksafe's
+    registry keep the engine, its pool and its connections alive."""
+    ref = _engine_its_dialect_refers_back_to(url.format(tmp=tmp_path))
+    gc.collect()
+    assert ref() is None
+
+
+def _engine_of_classes_made_at_run_time(tmp: Any) -> tuple[weakref.ref[Any], ...]:
+    seen: list[object] = []
+
+    class PerTenantDialect(SQLiteDialect_pysqlite):  # e.g. made by a plugin, per tenant
+        supports_statement_cache = True
+
+        def initialize(self, connection: Any) -> None:
+            seen.append(connection)  # what the class refers to: here, the engine
+            super().initialize(connection)
+
+    class PerTenantPool(pool.QueuePool):
+        pass
+
+    engine = create_engine(f"sqlite:///{tmp}/tenant.db", poolclass=PerTenantPool)
+    engine.dialect.__class__ = PerTenantDialect
+    forksafe.track(engine)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    forksafe.untrack(engine)
+    return weakref.ref(PerTenantDialect), weakref.ref(PerTenantPool), weakref.ref(engine)
+
+
+def test_classes_made_at_run_time_are_freed_after_untrack(tmp_path: Any) -> None:
+    """forksafe's subclasses of a dialect or pool class are cached only while in use: a
+    class made at run time, and what it refers to, is freed once its engine is untracked."""
+    refs = _engine_of_classes_made_at_run_time(tmp_path)
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None, None]
 
 
 def test_tracking_is_thread_safe() -> None:
