@@ -78,7 +78,6 @@ import select
 import ssl
 import sys
 import sysconfig
-import threading
 import time
 import weakref
 from typing import Any
@@ -258,7 +257,9 @@ def _is_tls(conn: Any) -> bool | None:
 # test's, a plugin's) is freed with its last tracked object, and with it all it refers to.
 # The same for the dialect subclasses below.
 _CLASSES: weakref.WeakValueDictionary[int, type] = weakref.WeakValueDictionary()
-_CLASSES_LOCK = threading.Lock()
+# Taken by track() (a child may track an engine while a parent's thread held it at fork):
+# a ForkLock, which a child can always take.
+_CLASSES_LOCK = _state.ForkLock("tracked classes")
 # Orders untrack() against a pending pool's checkin in another thread (both change the
 # pool's class and its _forksafe attributes). A ForkLock: a child can always take it.
 _PENDING_LOCK = _state.ForkLock("pending pool")

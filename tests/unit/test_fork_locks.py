@@ -62,7 +62,25 @@ def _take_errors() -> object:
     return errors.report(ConnectionRefusedError("Connection refused"), level=logging.DEBUG)
 
 
+def _take_classes() -> object:
+    from sqlalchemy.pool import QueuePool
+
+    from forksafe import sqlalchemy as adapter
+
+    class ChildPool(QueuePool):  # a class never seen: its tracked subclasses are made now
+        pass
+
+    return adapter._tracked_classes(ChildPool)[0].__name__
+
+
+def _classes_lock() -> Any:
+    from forksafe import sqlalchemy as adapter
+
+    return adapter._CLASSES_LOCK
+
+
 LOCKS: dict[str, tuple[Callable[[], Any], Callable[[], object]]] = {
+    "classes": (_classes_lock, _take_classes),
     "registry": (lambda: REGISTRY._lock, _take_registry),
     "reset": (lambda: _fork._RESET_LOCK, _take_reset),
     "instrument": (lambda: _instrument._LOCK, _take_instrument),
