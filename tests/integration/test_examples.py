@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from urllib.request import urlopen
 import pytest
 
 from forksafe.testing.servers import find_uwsgi, free_port
+from tests.integration._liveness import wait_until
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.servers, pytest.mark.timeout(180)]
 
@@ -75,6 +77,16 @@ def serve(example: str, server: str, database_url: str, *, loads_per_worker: boo
     try:
         executor.start()
         yield f"http://127.0.0.1:{port}"
+        if loads_per_worker and server == "uwsgi":
+            # Every worker has imported the app before the stop: SIGINT goes to the whole
+            # process group, and a worker still importing (a busy machine) would print the
+            # KeyboardInterrupt it caused, maybe before the master's line that ends the log
+            # the test judges. (gunicorn's workers handle SIGINT from before the import.)
+            found = re.search(r"^processes = (\d+)", (directory / "uwsgi.ini").read_text(), re.M)
+            workers = int(found[1]) if found else 1
+            wait_until(lambda: Path(log.name).read_text(errors="replace").count(
+                "WSGI app 0 (mountpoint='') ready") >= workers,
+                f"all {workers} uWSGI workers loaded the app", timeout=120.0)
     finally:
         with contextlib.suppress(Exception):
             executor.stop()
