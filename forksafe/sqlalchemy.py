@@ -83,7 +83,12 @@ import weakref
 from typing import Any
 
 from forksafe import _fork, _state, errors
-from forksafe._idle_limit import DEFAULT_IDLE_CHECK, RETIRE_FRACTION, server_idle_limit
+from forksafe._idle_limit import (
+    DEFAULT_IDLE_CHECK,
+    RETIRE_FRACTION,
+    pg_transaction_status,
+    server_idle_limit,
+)
 from forksafe._registry import REGISTRY, ConnectionEntry
 from forksafe.drivers import (
     dialect_drivers,
@@ -211,6 +216,10 @@ def _record_connection(record: Any) -> Any:
 
 
 _MISSING = object()
+
+
+# libpq's PQTRANS_ACTIVE, PQTRANS_INTRANS, PQTRANS_INERROR: a transaction is open.
+_PG_IN_TRANSACTION = frozenset({1, 2, 3})
 
 
 # -- per-connection state ---------------------------------------------------------------------
@@ -487,6 +496,17 @@ def _dispose(pool: Any) -> None:
     type(pool)._forksafe_base.dispose(pool)
 
 
+def _from_the_driver(context: Any, dialect: Any) -> bool:
+    """Whether a ``handle_error`` context's exception is a database error: one of the
+    driver's DB-API errors, or one SQLAlchemy wrapped as such (a ``DBAPIError``; an
+    application's error is wrapped, if at all, as a bare ``StatementError``)."""
+    if isinstance(context.sqlalchemy_exception, exc.DBAPIError):
+        return True
+    dbapi = getattr(dialect, "loaded_dbapi", None) or getattr(dialect, "dbapi", None)
+    error = getattr(dbapi, "Error", None)
+    return isinstance(error, type) and isinstance(context.original_exception, error)
+
+
 def _made_here(pool: Any) -> bool:
     """Whether ``pool`` was made for this process (asks the pid: a system call)."""
     return bool(vars(pool).get("_forksafe_pid") == _state.own_pid())
@@ -733,6 +753,9 @@ class EngineAdapter:
         kind = errors.classify(original)
         if kind is None:
             return
+        if kind.disconnect and not _from_the_driver(context, self._dialect_ref()):
+            return  # the application's own error (a key service's ConnectionError raised
+            # in a TypeDecorator), whatever its words: the database connection is fine
         if kind.disconnect and not context.is_disconnect:
             context.is_disconnect = True
         errors.report(original, self._origin)
@@ -783,6 +806,12 @@ class EngineAdapter:
 
     def _ping(self, conn: Any, why: str) -> str | None:
         """None if the connection answers a ping; else why it is replaced."""
+        if pg_transaction_status(conn) in _PG_IN_TRANSACTION:
+            # Returned inside the application's transaction (pool_reset_on_return=None):
+            # psycopg's ping turns autocommit on, which the driver refuses there, and the
+            # healthy connection would be replaced with the work in it. The poll saw no
+            # close; a silent failure shows at its next statement, as without a ping.
+            return None
         try:
             dialect = self._dialect_ref()
             if dialect is None:  # the engine and its pool are being freed

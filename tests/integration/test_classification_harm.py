@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, exc, pool, text
+from sqlalchemy import Column, MetaData, Table, create_engine, exc, pool, text, types
 
 import forksafe
 from forksafe import errors
@@ -145,6 +145,65 @@ def test_a_sqlite_trigger_that_reads_like_a_disconnect(
         assert expected == {"error": "IntegrityError", "message": True, "invalidated": False,
                             "same_connection": True, "pool_invalidated": False}
         assert _trigger_says_connection_refused(tracked) == expected
+        assert not [r for r in caplog.records if r.name.startswith("forksafe")
+                    and r.levelno >= logging.INFO], caplog.text
+    finally:
+        forksafe.untrack(tracked)
+        tracked.dispose()
+        plain.dispose()
+
+
+class _Sealed(types.TypeDecorator):
+    """A column whose values another service seals: its client fails as clients do."""
+
+    impl = types.String(100)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        if value == "key service down":
+            raise ConnectionError("key service at 10.0.0.5:8200: Connection refused")
+        return value
+
+
+def _an_application_error_that_reads_like_a_disconnect(engine: Any, table: str) -> dict[str, Any]:
+    sealed = Table(table, MetaData(), Column("note", _Sealed, primary_key=True))
+    with engine.connect() as conn:
+        before = conn.execute(text("SELECT CONNECTION_ID()")).scalar()
+        conn.execute(sealed.insert(), {"note": "first"})
+        with pytest.raises(exc.StatementError) as caught:
+            conn.execute(sealed.insert(), {"note": "key service down"})
+        invalidated = conn.invalidated
+        conn.execute(sealed.insert(), {"note": "third"})  # the application carries on
+        conn.commit()
+        after = conn.execute(text("SELECT CONNECTION_ID()")).scalar()
+    with engine.connect() as conn:
+        rows = conn.execute(text(f"SELECT note FROM {table} ORDER BY note")).scalars().all()
+        conn.execute(text(f"DELETE FROM {table}"))
+        conn.commit()
+    return {"error": type(caught.value.orig).__name__,
+            "connection_invalidated": caught.value.connection_invalidated,
+            "invalidated": invalidated, "same_session": before == after, "rows": rows,
+            "pool_invalidated": engine.pool._invalidate_time != 0}
+
+
+@pytest.mark.mariadb
+@pytest.mark.usefixtures("quiet_reports")
+@pytest.mark.parametrize("driver", ["pymysql", "mysqldb"])
+def test_an_application_error_that_reads_like_a_disconnect(
+    mysql_server: Any, table: str, driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ConnectionError that is not the driver's (a key service's client, raised while a
+    parameter is bound) says "Connection refused": the database connection is fine, and
+    the tracked engine keeps it and its transaction, exactly as an untracked one does."""
+    caplog.set_level(logging.INFO, logger="forksafe")
+    plain = create_engine(mysql_server.url(driver), pool_size=2)
+    tracked = forksafe.track(create_engine(mysql_server.url(driver), pool_size=2))
+    try:
+        expected = _an_application_error_that_reads_like_a_disconnect(plain, table)
+        assert expected == {"error": "ConnectionError", "connection_invalidated": False,
+                            "invalidated": False, "same_session": True,
+                            "rows": ["first", "third"], "pool_invalidated": False}
+        assert _an_application_error_that_reads_like_a_disconnect(tracked, table) == expected
         assert not [r for r in caplog.records if r.name.startswith("forksafe")
                     and r.levelno >= logging.INFO], caplog.text
     finally:

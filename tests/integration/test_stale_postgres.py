@@ -202,3 +202,49 @@ def test_engine_usable_when_the_idle_limit_probe_is_denied(pg_liveness: Any, how
     finally:
         pg_liveness.execute("GRANT SELECT ON pg_catalog.pg_settings TO PUBLIC",
                             database="forksafe")
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_connection_returned_inside_a_transaction_keeps_it_past_idle_check(
+    pg_liveness: Any, driver: str
+) -> None:
+    """With ``pool_reset_on_return=None`` a connection may go back to the pool inside the
+    application's transaction. The idle check must not ping it: psycopg's ping turns on
+    autocommit, which the driver refuses in a transaction, and the healthy connection (with
+    the work in it) would be replaced, and the pool invalidated. It is handed out as it is,
+    transaction and all, exactly as an untracked engine does."""
+    from forksafe import sqlalchemy as adapter
+
+    def run(track: bool) -> tuple[bool, Any, bool]:
+        engine = create_engine(pg_liveness.url(driver), pool_size=1, max_overflow=0,
+                               pool_reset_on_return=None)
+        if track:
+            forksafe.track(engine, idle_check=3600.0, recycle=None)
+        try:
+            raw = engine.raw_connection()
+            dbapi = raw.dbapi_connection
+            cur = raw.cursor()
+            cur.execute("CREATE TEMP TABLE work_in_progress (x int)")
+            cur.execute("INSERT INTO work_in_progress VALUES (1)")
+            cur.close()
+            record = raw._connection_record
+            raw.close()  # back to the pool, the transaction still open
+            if track:  # idle for longer than idle_check: the next checkout checks it
+                vars(record)[adapter._STATE_KEY].last -= 7200.0
+            raw = engine.raw_connection()
+            cur = raw.cursor()
+            cur.execute("SELECT x FROM work_in_progress")
+            rows = cur.fetchall()
+            cur.close()
+            same = raw.dbapi_connection is dbapi
+            raw.rollback()
+            raw.close()
+            return same, [tuple(r) for r in rows], engine.pool._invalidate_time != 0
+        finally:
+            if track:
+                forksafe.untrack(engine)
+            engine.dispose()
+
+    expected = run(track=False)
+    assert expected == (True, [(1,)], False)
+    assert run(track=True) == expected
