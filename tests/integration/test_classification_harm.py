@@ -112,6 +112,21 @@ def test_integrity_error_raised_while_handling_a_disconnect(mysql_server: Any,
             forksafe.untrack(engine)
 
 
+def _tracked_does_as_plain(scenario: Any, plain: Any, tracked: Any, expected: dict[str, Any],
+                           caplog: pytest.LogCaptureFixture) -> None:
+    """``scenario(engine)`` gives ``expected`` on the untracked engine (the control) and the
+    same on the tracked one, which logs nothing about it; both engines are disposed."""
+    try:
+        assert scenario(plain) == expected
+        assert scenario(tracked) == expected
+        assert not [r for r in caplog.records if r.name.startswith("forksafe")
+                    and r.levelno >= logging.INFO], caplog.text
+    finally:
+        forksafe.untrack(tracked)
+        tracked.dispose()
+        plain.dispose()
+
+
 def _trigger_says_connection_refused(engine: Any) -> dict[str, Any]:
     """Runs an INSERT that a trigger aborts with a disconnect's words; what the pool did."""
     with engine.begin() as conn:
@@ -140,17 +155,10 @@ def test_a_sqlite_trigger_that_reads_like_a_disconnect(
     plain = create_engine(f"sqlite:///{tmp_path / 'plain.db'}", poolclass=pool.QueuePool)
     tracked = forksafe.track(create_engine(f"sqlite:///{tmp_path / 'tracked.db'}",
                                            poolclass=pool.QueuePool))
-    try:
-        expected = _trigger_says_connection_refused(plain)
-        assert expected == {"error": "IntegrityError", "message": True, "invalidated": False,
-                            "same_connection": True, "pool_invalidated": False}
-        assert _trigger_says_connection_refused(tracked) == expected
-        assert not [r for r in caplog.records if r.name.startswith("forksafe")
-                    and r.levelno >= logging.INFO], caplog.text
-    finally:
-        forksafe.untrack(tracked)
-        tracked.dispose()
-        plain.dispose()
+    _tracked_does_as_plain(
+        _trigger_says_connection_refused, plain, tracked,
+        {"error": "IntegrityError", "message": True, "invalidated": False,
+         "same_connection": True, "pool_invalidated": False}, caplog)
 
 
 class _Sealed(types.TypeDecorator):
@@ -198,15 +206,8 @@ def test_an_application_error_that_reads_like_a_disconnect(
     caplog.set_level(logging.INFO, logger="forksafe")
     plain = create_engine(mysql_server.url(driver), pool_size=2)
     tracked = forksafe.track(create_engine(mysql_server.url(driver), pool_size=2))
-    try:
-        expected = _an_application_error_that_reads_like_a_disconnect(plain, table)
-        assert expected == {"error": "ConnectionError", "connection_invalidated": False,
-                            "invalidated": False, "same_session": True,
-                            "rows": ["first", "third"], "pool_invalidated": False}
-        assert _an_application_error_that_reads_like_a_disconnect(tracked, table) == expected
-        assert not [r for r in caplog.records if r.name.startswith("forksafe")
-                    and r.levelno >= logging.INFO], caplog.text
-    finally:
-        forksafe.untrack(tracked)
-        tracked.dispose()
-        plain.dispose()
+    _tracked_does_as_plain(
+        lambda engine: _an_application_error_that_reads_like_a_disconnect(engine, table),
+        plain, tracked,
+        {"error": "ConnectionError", "connection_invalidated": False, "invalidated": False,
+         "same_session": True, "rows": ["first", "third"], "pool_invalidated": False}, caplog)
