@@ -26,6 +26,7 @@ from forksafe.drivers import unwrap
 
 __all__ = [
     "DEFAULT_IDLE_CHECK",
+    "PG_IN_TRANSACTION",
     "RETIRE_FRACTION",
     "pg_transaction_status",
     "rollback_if_opened",
@@ -40,6 +41,8 @@ RETIRE_FRACTION = 0.9
 # libpq's PGTransactionStatusType, as psycopg2 and psycopg 3 report it
 # (``conn.info.transaction_status``): PQTRANS_IDLE is 0.
 _PQTRANS_IDLE = 0
+#: PQTRANS_ACTIVE, PQTRANS_INTRANS, PQTRANS_INERROR: a transaction is open.
+PG_IN_TRANSACTION = frozenset({1, 2, 3})
 
 
 def pg_transaction_status(dbapi_connection: Any) -> int | None:

@@ -85,6 +85,7 @@ from typing import Any
 from forksafe import _fork, _state, errors
 from forksafe._idle_limit import (
     DEFAULT_IDLE_CHECK,
+    PG_IN_TRANSACTION,
     RETIRE_FRACTION,
     pg_transaction_status,
     server_idle_limit,
@@ -218,10 +219,6 @@ def _record_connection(record: Any) -> Any:
 _MISSING = object()
 
 
-# libpq's PQTRANS_ACTIVE, PQTRANS_INTRANS, PQTRANS_INERROR: a transaction is open.
-_PG_IN_TRANSACTION = frozenset({1, 2, 3})
-
-
 # -- per-connection state ---------------------------------------------------------------------
 class _Liveness:
     """What forksafe keeps on a pooled connection's ``_ConnectionRecord``."""
@@ -278,7 +275,7 @@ def _tracked_classes(base: type) -> tuple[type, type]:
     """(lean, pending) subclasses of the pool class ``base``, made once per class."""
     with _CLASSES_LOCK:
         lean: Any = _CLASSES.get(id(base))
-        if lean is None or lean.__bases__[0] is not base:
+        if lean is None:
             lean, pending = _make_classes(base)
             lean._forksafe_pending_class = pending
             _CLASSES[id(base)] = lean
@@ -405,7 +402,7 @@ def _dialect_class(base: type) -> type:
     key = (id(base), _speedups is not None)
     with _CLASSES_LOCK:
         cls = _DIALECT_CLASSES.get(key)
-        if cls is None or cls.__bases__[0] is not base:
+        if cls is None:
             getter = _speedups.dialect_has_events if _speedups is not None else _dialect_has_events
             namespace: dict[str, Any] = {
                 "__module__": base.__module__,
@@ -502,8 +499,8 @@ def _from_the_driver(context: Any, dialect: Any) -> bool:
     application's error is wrapped, if at all, as a bare ``StatementError``)."""
     if isinstance(context.sqlalchemy_exception, exc.DBAPIError):
         return True
-    dbapi = getattr(dialect, "loaded_dbapi", None) or getattr(dialect, "dbapi", None)
-    error = getattr(dbapi, "Error", None)
+    # the dialect's module (``loaded_dbapi`` would raise InvalidRequestError without one)
+    error = getattr(getattr(dialect, "dbapi", None), "Error", None)
     return isinstance(error, type) and isinstance(context.original_exception, error)
 
 
@@ -753,10 +750,10 @@ class EngineAdapter:
         kind = errors.classify(original)
         if kind is None:
             return
-        if kind.disconnect and not _from_the_driver(context, self._dialect_ref()):
-            return  # the application's own error (a key service's ConnectionError raised
-            # in a TypeDecorator), whatever its words: the database connection is fine
-        if kind.disconnect and not context.is_disconnect:
+        if kind.disconnect:
+            if not _from_the_driver(context, self._dialect_ref()):
+                return  # the application's own error (a key service's ConnectionError
+                # raised in a TypeDecorator), whatever its words: the connection is fine
             context.is_disconnect = True
         errors.report(original, self._origin)
 
@@ -806,7 +803,7 @@ class EngineAdapter:
 
     def _ping(self, conn: Any, why: str) -> str | None:
         """None if the connection answers a ping; else why it is replaced."""
-        if pg_transaction_status(conn) in _PG_IN_TRANSACTION:
+        if pg_transaction_status(conn) in PG_IN_TRANSACTION:
             # Returned inside the application's transaction (pool_reset_on_return=None):
             # psycopg's ping turns autocommit on, which the driver refuses there, and the
             # healthy connection would be replaced with the work in it. The poll saw no
